@@ -1,0 +1,1 @@
+"""LLM-Cache Python client (to come: see the client issue)."""

@@ -1,0 +1,1 @@
+"""LLM-Cache cluster: the replicated log's command codec and the state machine that applies it."""

@@ -1,0 +1,1 @@
+"""LLM-Cache node: the cache core (store, indexes, embedders, engine) under the HTTP server."""
