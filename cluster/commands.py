@@ -148,9 +148,33 @@ class Noop(Command):
     TYPE: ClassVar[int] = 9
 
 
+@dataclass(frozen=True, kw_only=True)
+class Feedback(Command):
+    """A label on a served hit: was entry ``entry_id`` a ``correct`` or ``wrong`` answer for
+    ``query``? Kept (replicated) as input of the answer-quality work."""
+
+    TYPE: ClassVar[int] = 10
+    tenant: str
+    entry_id: int
+    label: str
+    similarity: float = -1.0
+    query: str = ""
+
+
 COMMAND_TYPES: dict[int, type[Command]] = {
     cls.TYPE: cls
-    for cls in (Put, Delete, Invalidate, Expire, Evict, TenantUpsert, TenantDelete, ConfigSet, Noop)
+    for cls in (
+        Put,
+        Delete,
+        Invalidate,
+        Expire,
+        Evict,
+        TenantUpsert,
+        TenantDelete,
+        ConfigSet,
+        Noop,
+        Feedback,
+    )
 }
 
 
@@ -220,6 +244,8 @@ def validate(command: Command) -> None:
             raise MalformedCommand("Put: NUL in key or tag")
     if isinstance(command, Invalidate) and command.is_empty():
         raise MalformedCommand("Invalidate: at least one filter is required")
+    if isinstance(command, Feedback) and command.label not in ("correct", "wrong"):
+        raise MalformedCommand(f"Feedback: label must be correct or wrong, not {command.label!r}")
     if isinstance(command, ConfigSet) and command.namespace and not command.tenant:
         raise MalformedCommand("ConfigSet: a namespace needs its tenant")
 

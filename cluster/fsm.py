@@ -161,6 +161,12 @@ class StateMachine:
             return self._tenant_delete(txn, cmd.tenant, feed)
         if isinstance(cmd, c.ConfigSet):
             return self._config_set(txn, cmd)
+        if isinstance(cmd, c.Feedback):
+            self._require_tenant(txn, cmd.tenant)
+            record = {f: getattr(cmd, f) for f in ("tenant", "entry_id", "label", "similarity")}
+            record.update(query=cmd.query, ts_ms=cmd.ts_ms)
+            txn.put(u64(self.store.applied_index(txn)), pack(record), db=self.dbs["feedback"])
+            return {}
         if isinstance(cmd, c.Noop):
             return {}
         raise AssertionError(f"no apply for {type(cmd).__name__}")  # pragma: no cover

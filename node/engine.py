@@ -418,6 +418,35 @@ class Engine:
             ts_ms=self.now_ms(),
         )
 
+    def prepare_feedback(
+        self,
+        tenant: str,
+        entry_id: int,
+        label: str,
+        *,
+        similarity: float | None = None,
+        query: str = "",
+        request_id: str = "",
+    ) -> c.Feedback:
+        """A label (``correct`` / ``wrong``) on a hit that was served from entry ``entry_id``."""
+        self.settings(tenant, "default")
+        if label not in ("correct", "wrong"):
+            raise InvalidRequest("label must be 'correct' or 'wrong'", field="label")
+        check_ids([entry_id])
+        if similarity is not None and not 0.0 <= similarity <= 1.0:
+            raise InvalidRequest("similarity must be between 0 and 1", field="similarity")
+        if len(query) > limits.MAX_PROMPT_CHARS:
+            raise OversizeInput("query too long", field="query")
+        return c.Feedback(
+            tenant=tenant,
+            entry_id=entry_id,
+            label=label,
+            similarity=-1.0 if similarity is None else float(similarity),
+            query=query,
+            request_id=check_request_id(request_id),
+            ts_ms=self.now_ms(),
+        )
+
     def expired_ids(self, limit: int = limits.MAX_BATCH) -> list[int]:
         """Entries past their expiry now (for the leader's ``Expire`` proposals)."""
         with self.store.read() as txn:

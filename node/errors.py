@@ -90,3 +90,17 @@ class StoreFull(CacheError):
 
 class CheckpointInvalid(Exception):
     """An index checkpoint is missing, corrupt or from another format; rebuild from LMDB."""
+
+
+class Unauthorized(CacheError):
+    """No valid token (HTTP 401)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(CacheError):
+    """A valid token without the right to this tenant or action (HTTP 403)."""
+
+    code = "forbidden"
+    http_status = 403

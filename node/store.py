@@ -21,6 +21,7 @@ db           key                                              value
                                                               expired]
 ``requests`` request id                                       msgpack [index, result]
 ``reqorder`` applied index (u64)                              request id (to prune ``requests``)
+``feedback`` applied index (u64)                              msgpack feedback label on a hit
 ============ ================================================ ===================================
 
 Only the state machine (``llmcache.cluster.fsm``) writes it, from one thread of one process
@@ -75,6 +76,7 @@ DB_NAMES = (
     "stats",
     "requests",
     "reqorder",
+    "feedback",
 )
 FEED_RETENTION = 100_000
 """Log indexes of change feed kept; a reader further behind rebuilds its indexes instead."""

@@ -85,4 +85,12 @@ COMMANDS: st.SearchStrategy[c.Command] = st.one_of(
         ),
     ),
     st.builds(c.Noop),
+    st.builds(
+        c.Feedback,
+        tenant=TENANTS,
+        entry_id=st.integers(1, 40),
+        label=st.sampled_from(["correct", "wrong"]),
+        similarity=st.sampled_from([-1.0, 0.5, 0.93]),
+        query=TEXT,
+    ),
 )
