@@ -237,6 +237,9 @@ class NodeConfig(BaseSettings):
                 problems.append(f"{name}: required when {other} is set")
             elif path is not None and not path.is_file():
                 problems.append(f"{name}: no such file: {path}")
+        addresses = [p.raft_address for p in self.peers]
+        if len(set(addresses)) != len(addresses):
+            problems.append("peers: the same peer is listed twice")
         if self.raft_min_timeout_s >= self.raft_max_timeout_s:
             problems.append(
                 f"raft_min_timeout_s: must be below raft_max_timeout_s "
@@ -281,13 +284,21 @@ def check_exposure(cfg: NodeConfig) -> None:
     Loopback is 127.0.0.0/8, ::1 and ``localhost``; any other name or address, resolved or
     not, counts as reachable from other machines.
     """
+    problems = []
     if cfg.admin_token is None and not cfg.insecure and not _is_loopback(cfg.host):
-        raise ConfigError(
-            [
-                f"host: {cfg.host} is reachable from other machines and no admin_token is set; "
-                "set admin_token, bind 127.0.0.1, or set insecure=true to serve it open"
-            ]
+        problems.append(
+            f"host: {cfg.host} is reachable from other machines and no admin_token is set; "
+            "set admin_token, bind 127.0.0.1, or set insecure=true to serve it open"
         )
+    raft_host = cfg.raft_host or cfg.host
+    if cfg.raft_password is None and not cfg.insecure and not _is_loopback(raft_host):
+        # The Raft port unpickles what it receives: never open it unauthenticated.
+        problems.append(
+            f"raft_password: required when the Raft port listens on {raft_host}, which is "
+            "reachable from other machines (or set insecure=true)"
+        )
+    if problems:
+        raise ConfigError(problems)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -351,6 +362,10 @@ def _ordinal_values(cfg: NodeConfig, hostname: str) -> dict[str, Any]:
     name, me = match[1], int(match[2])
     if me >= cfg.replicas:
         raise ConfigError([f"replicas: {cfg.replicas}, but this pod's ordinal is {me}"])
+    if cfg.replicas > 1 and not cfg.peer_domain:
+        raise ConfigError(
+            ["peer_domain: required with replicas > 1 (the headless Service's DNS domain)"]
+        )
     domain = f".{cfg.peer_domain}" if cfg.peer_domain else ""
     return {
         "node_id": hostname,

@@ -247,10 +247,16 @@ def test_loopback_hosts_may_run_without_tokens(host: str) -> None:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "llmcache-0.svc"])
 def test_exposed_host_needs_a_token_or_insecure(host: str) -> None:
-    [problem] = problems({"host": host})
-    assert problem.startswith(f"host: {host} is reachable") and "admin_token" in problem
-    with_token = load_config(flags={"host": host, "admin_token": "t0ken"}, env={})
+    host_problem, raft_problem = problems({"host": host})
+    assert host_problem.startswith(f"host: {host} is reachable") and "admin_token" in host_problem
+    # The Raft port would listen there too, and it unpickles what it receives.
+    assert raft_problem.startswith("raft_password: required when the Raft port listens")
+    with_token = load_config(
+        flags={"host": host, "admin_token": "t0ken", "raft_password": "pw"}, env={}
+    )
     assert not with_token.open_access
+    [problem] = problems({"host": host, "admin_token": "t0ken"})
+    assert problem.startswith("raft_password")
     insecure = load_config(flags={"host": host}, env={"LLMCACHE_INSECURE": "true"})
     assert insecure.insecure and not insecure.open_access
 
@@ -317,6 +323,14 @@ def test_hostname_ordinal_errors() -> None:
     with pytest.raises(ConfigError, match="replicas: 3, but this pod's ordinal is 3"):
         k8s("llmcache-3")
     with pytest.raises(ConfigError, match="raft_password: required when peers"):
+        load_config(
+            flags={"hostname_ordinal": True, "replicas": 2, "peer_domain": HEADLESS},
+            env={},
+            hostname="llmcache-0",
+        )
+    with pytest.raises(ConfigError, match="peer_domain: required with replicas > 1"):
         load_config(flags={"hostname_ordinal": True, "replicas": 2}, env={}, hostname="llmcache-0")
-    single = load_config(flags={"hostname_ordinal": True}, env={}, hostname="llmcache-0")
+    with pytest.raises(ConfigError, match="peers: the same peer is listed twice"):
+        load_config(flags={"peers": "a:7000,a:7000", **PW}, env={})
+    single = load_config(flags={"hostname_ordinal": True, **PW}, env={}, hostname="llmcache-0")
     assert single.peers == [] and single.raft_address == "llmcache-0:7000"
