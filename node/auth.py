@@ -11,6 +11,11 @@ when the bearer is an LLM-Cache token (they start with ``lc_``). On proxy routes
 
 Open access (no admin token configured, bound to loopback, like Redis's protected mode):
 requests without a token act as an admin of tenant ``default``.
+
+Two kinds of admin: the configured admin token (and open access) administer every tenant —
+create and delete tenants, name any tenant in a request; a tenant token with the ``admin`` role
+administers its own tenant only (its tokens, settings and entries), so no tenant token can ever
+reach another tenant.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from llmcache.node.store import Store
 TOKEN_PREFIX = "lc_"
 ROLES = {"reader": 1, "writer": 2, "admin": 3}
 DEFAULT_TENANT = "default"
+CLUSTER_ADMIN_IDS = frozenset({"admin", "open-access"})
+"""Token ids of the admins of all tenants (tenant token ids are 12 hex digits: never these)."""
 
 
 def hash_token(token: str) -> str:
@@ -88,11 +95,21 @@ class Authenticator:
             return self._table
 
 
+def is_cluster_admin(principal: Principal) -> bool:
+    """True for the admin of all tenants (the configured admin token, or open access)."""
+    return principal.role == "admin" and principal.token_id in CLUSTER_ADMIN_IDS
+
+
+def require_cluster_admin(principal: Principal) -> None:
+    if not is_cluster_admin(principal):
+        raise Forbidden("this needs the node's admin token (an admin of all tenants)")
+
+
 def authorize(principal: Principal, role: str, tenant: str | None = None) -> str:
     """Check ``principal`` may act as ``role`` on ``tenant`` (default: its own); returns the
-    tenant acted on. Admins may name any tenant; others only their own."""
+    tenant acted on. Admins of all tenants may name any tenant; tenant tokens only their own."""
     target = tenant or principal.tenant
-    if principal.role != "admin" and target != principal.tenant:
+    if target != principal.tenant and not is_cluster_admin(principal):
         raise Forbidden(f"this token belongs to tenant {principal.tenant!r}", field="tenant")
     if ROLES[principal.role] < ROLES[role]:
         raise Forbidden(f"this needs the {role} role; the token has {principal.role}")

@@ -60,5 +60,5 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
-PRINCIPAL = "llmcache.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 """``request[PRINCIPAL]`` is the :class:`Principal` set by the auth middleware."""

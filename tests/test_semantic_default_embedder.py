@@ -73,6 +73,7 @@ def test_long_prompt_reports_head_and_tail_embedding(
     with LocalCache(tmp_path, embedders={"default": minilm}, durable=False) as cache:
         e = cache.engine
         cache.propose(e.prepare_tenant("a"))
+
         def report(middle: str) -> str:
             return (
                 "Summarise this report. "

@@ -1,0 +1,609 @@
+"""raft-core: the replication process of a node (pysyncobj + the LMDB state machine).
+
+:class:`RaftCore` is a ``SyncObj`` that owns the node's :class:`~llmcache.node.store.Store` (its
+only writer) and :class:`~llmcache.cluster.fsm.StateMachine`. It has one replicated method,
+``_apply(data)``, which applies the log entry at ``raftLastApplied + 1`` (pysyncobj counts an
+entry as applied only after the method returns); Raft's own entries (leader no-ops, membership)
+take indexes too, which the state machine accepts as gaps. Everything runs on pysyncobj's tick
+thread except the IPC server and the asyncio methods, which run in the main thread's loop: they
+only queue commands (thread-safe in pysyncobj), hand transport work to the tick thread, and never
+touch LMDB while a snapshot could be swapping it (``_store_lock``). Log compaction writes its
+snapshot from a background thread, out of a read transaction pinned on the tick thread.
+
+Settings that were measured (shared/DESIGN.md §5): journal and full dump always together,
+``appendEntriesUseBatch=False``, election timeouts 2–4 s with the leader fallback near them, and
+a mandatory password on a multi-node group. pysyncobj encrypts with the ``cryptography`` package,
+which this project does not install, so the password keys :class:`RaftAuthenticator` instead:
+every Raft frame carries an HMAC-SHA256 and frames that fail it are dropped before they are
+unpickled (authenticated, not encrypted).
+
+Data directory: ``store/`` (LMDB, what workers open read-only), ``raft/journal``,
+``raft/snapshot`` (the full dump, :mod:`llmcache.cluster.snapshot`), ``raft/lock``. Installing a
+snapshot replaces ``store/``: a reader in another process notices by the inode of
+``store/data.mdb`` changing and reopens.
+
+Run it as ``python -m llmcache.cluster.raft_core --data-dir D --socket PATH --self HOST:PORT
+[--peer HOST:PORT ...] [--password-env VAR]`` or through :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import logging
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.syncobj import SyncObjException
+
+from llmcache.cluster import commands, snapshot
+from llmcache.cluster.fsm import Result, StateMachine
+from llmcache.cluster.ipc import IpcServer, RaftUnavailable, RequestDenied
+from llmcache.node.proposer import NotLeader, Proposal, RaftStatus, UnknownOutcome, Wait
+from llmcache.node.store import Store
+
+log = logging.getLogger("llmcache.raft")
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+BOOTSTRAP_REQUEST_ID = "bootstrap-default-tenant"
+EXIT_APPLY_FAILED = 3
+"""Exit status when an entry cannot be applied: stopping beats skipping (replicas would
+diverge); the supervisor restarts the node, which replays the entry from its journal."""
+AUTH_WARNING_INTERVAL_S = 60.0
+SNAPSHOT_JOIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class RaftCoreOptions:
+    """Options of one raft-core process; invalid combinations raise ``ValueError``."""
+
+    data_dir: Path
+    socket_path: Path
+    self_address: str
+    peers: list[str]
+    password: str | None = field(default=None, repr=False)
+    journal: bool = True
+    full_dump: bool = True
+    raft_min_timeout_s: float = 2.0
+    raft_max_timeout_s: float = 4.0
+    leader_fallback_timeout_s: float = 4.0
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time_s: float = 300
+    durable: bool = True
+    max_map_size: int = 64 << 30
+
+    def __post_init__(self) -> None:
+        if self.journal and not self.full_dump:
+            raise ValueError(
+                "journal without full_dump: once the journal is compacted a restarted node has "
+                "no snapshot to start from and is lost; enable both"
+            )
+        if not (self.journal and self.full_dump):
+            raise ValueError(
+                "journal and full_dump must both be enabled: the snapshot is how a restarted or "
+                "lagging node gets the store"
+            )
+        if [p for p in self.peers if p != self.self_address] and not self.password:
+            raise ValueError(
+                "a multi-node Raft group needs a password: the Raft port unpickles what it "
+                "receives, so only authenticated peers may talk to it"
+            )
+        if not 0 < self.raft_min_timeout_s < self.raft_max_timeout_s:
+            raise ValueError("need 0 < raft_min_timeout_s < raft_max_timeout_s")
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def raft_dir(self) -> Path:
+        return self.data_dir / "raft"
+
+
+class RaftAuthenticator:
+    """pysyncobj's transport "encryptor" interface, authenticating with HMAC-SHA256.
+
+    Token: send time (u64, the sender's monotonic seconds, as pysyncobj passes it), payload,
+    HMAC of both. pysyncobj itself adds a per-connection random key to every message and
+    rejects timestamps that go backwards, so frames cannot be replayed across connections.
+    """
+
+    TS = struct.Struct(">Q")
+
+    def __init__(self, password: str) -> None:
+        self._key = hashlib.pbkdf2_hmac("sha256", password.encode(), b"llmcache-raft-v1", 100_000)
+        self._last_warning = -AUTH_WARNING_INTERVAL_S
+
+    def encrypt_at_time(self, data: bytes, ts: int) -> bytes:
+        head = self.TS.pack(ts) + data
+        return head + hmac.digest(self._key, head, "sha256")
+
+    def extract_timestamp(self, token: bytes) -> int:
+        self._verified(token)
+        ts: int = self.TS.unpack_from(token)[0]
+        return ts
+
+    def decrypt(self, token: bytes) -> bytes:
+        return self._verified(token)[self.TS.size :]
+
+    def _verified(self, token: bytes) -> bytes:
+        head, mac = token[:-32], token[-32:]
+        if len(head) < self.TS.size or not hmac.compare_digest(
+            mac, hmac.digest(self._key, head, "sha256")
+        ):
+            # pysyncobj drops the connection silently; say why, but not on every retry.
+            if time.monotonic() - self._last_warning > AUTH_WARNING_INTERVAL_S:
+                self._last_warning = time.monotonic()
+                log.warning("a Raft peer failed authentication (another cluster password?)")
+            raise ValueError("Raft frame failed authentication")
+        return head
+
+
+class RaftStateLost(Exception):
+    """The store is ahead of a Raft log that is gone: starting would skip new entries."""
+
+
+class _SnapshotInBackground(Exception):
+    """Raised by the serializer to tell pysyncobj the snapshot is being written elsewhere."""
+
+
+class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
+    """The Raft node of one LLM-Cache node; see the module docstring.
+
+    ``propose``, ``barrier``, ``transfer_leadership``, ``add_node`` and ``remove_node`` are
+    coroutines for the main thread's asyncio loop; pysyncobj's callbacks come back to it with
+    ``call_soon_threadsafe``. ``status`` may be called from any thread.
+    """
+
+    def __init__(self, options: RaftCoreOptions) -> None:
+        # Everything set before SyncObj.__init__ is excluded from pysyncobj's own pickling,
+        # and the encryptor property must answer while SyncObj.__init__ inspects the class.
+        self.options = options
+        self.self_id = options.self_address
+        self._auth = RaftAuthenticator(options.password) if options.password else None
+        self._role = "follower"
+        self.bootstrapped = False  # tenant default seen in the store (set by run())
+        self._store_lock = threading.Lock()
+        options.raft_dir.mkdir(parents=True, exist_ok=True)
+        snapshot.recover(options.store_dir)
+        self.store = self._open_store()
+        self.fsm = StateMachine(self.store)
+        self._applied = self.store.applied_index()
+        if self._applied and not any(
+            p.exists() for p in (options.raft_dir / "journal", self.snapshot_path)
+        ):
+            self.store.close()
+            raise RaftStateLost(
+                f"the store is at applied index {self._applied} but {options.raft_dir} holds no "
+                f"Raft log, so new entries would be skipped as already applied; move "
+                f"{options.store_dir} away to resync it from the group"
+            )
+        self._outstanding = 0  # proposals whose callback has not fired yet
+        self._outstanding_lock = threading.Lock()
+        self._wake: PipeNotifier | None = None
+        self._tick_calls: deque[Callable[[], None]] = deque()
+        self._snapshot_state: int = SERIALIZER_STATE.NOT_SERIALIZING
+        self._snapshot_thread: threading.Thread | None = None
+        conf = SyncObjConf(
+            autoTick=True,
+            appendEntriesUseBatch=False,
+            raftMinTimeout=options.raft_min_timeout_s,
+            raftMaxTimeout=options.raft_max_timeout_s,
+            leaderFallbackTimeout=options.leader_fallback_timeout_s,
+            connectionTimeout=max(3.5, options.raft_max_timeout_s),
+            connectionRetryTime=1.0,
+            logCompactionMinEntries=options.log_compaction_min_entries,
+            logCompactionMinTime=options.log_compaction_min_time_s,
+            journalFile=str(options.raft_dir / "journal"),
+            fullDumpFile=str(self.snapshot_path),
+            serializer=self._serialize,
+            serializeChecker=self._snapshot_progress,
+            deserializer=self._deserialize,
+            dynamicMembershipChange=True,
+            onStateChanged=self._on_state_changed,
+            bindAddress=options.self_address,
+            maxBindRetries=10,
+        )
+        peers = [p for p in options.peers if p != options.self_address]
+        super().__init__(options.self_address, peers, conf)
+        self.addOnTickCallback(self._on_tick)
+
+    @property
+    def encryptor(self) -> RaftAuthenticator | None:
+        return self._auth
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.options.raft_dir / "snapshot"
+
+    # -- the replicated state machine (tick thread) ----------------------------------------
+
+    @replicated  # type: ignore[untyped-decorator]
+    def _apply(self, data: bytes) -> tuple[int, dict[str, Any], str | None, str]:
+        index = self.raftLastApplied + 1
+        try:
+            result = self.fsm.apply(index, data)
+        except BaseException:
+            log.critical("cannot apply log index %d; stopping", index, exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_APPLY_FAILED)
+        if not result.value.get("skipped"):
+            self._applied = index
+        return result.index, result.value, result.error, result.message
+
+    def _serialize(self, path: str, raft_state: tuple[Any, ...]) -> None:
+        """pysyncobj's serializer, on the tick thread at ``raftLastApplied``: pin that state in
+        a read transaction and write the snapshot from a thread (copying a large store takes
+        seconds, long enough to miss heartbeats). pysyncobj would rename ``path`` into place at
+        once, so the thread installs the file itself and :meth:`_snapshot_progress` (the
+        ``serializeChecker``) tells pysyncobj when the log may be compacted; raising here
+        leaves pysyncobj waiting for that verdict, and the previous snapshot in place."""
+        txn = self.store.env.begin(buffers=False)
+        self._snapshot_state = SERIALIZER_STATE.SERIALIZING
+        self._snapshot_thread = threading.Thread(
+            target=self._write_snapshot, args=(txn, raft_state), name="snapshot", daemon=True
+        )
+        self._snapshot_thread.start()
+        raise _SnapshotInBackground(path)
+
+    def _write_snapshot(self, txn: Any, raft_state: tuple[Any, ...]) -> None:
+        final = self.snapshot_path
+        tmp = final.with_name(final.name + ".next")
+        state: int = SERIALIZER_STATE.FAILED
+        started = time.monotonic()
+        try:
+            manifest = snapshot.save(tmp, self.store, raft_state, txn)
+            os.replace(tmp, final)
+            snapshot.fsync_dir(final.parent)
+            took = time.monotonic() - started
+            log.info("snapshot written at applied index %d in %.1f s", manifest.applied_index, took)
+            state = SERIALIZER_STATE.SUCCESS
+        except Exception:
+            log.exception("writing a snapshot failed; the log is not compacted")
+        finally:
+            txn.abort()
+            self._snapshot_state = state
+
+    def _snapshot_progress(self) -> int:
+        state: int = self._snapshot_state
+        if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+            self._snapshot_state = SERIALIZER_STATE.NOT_SERIALIZING
+        return state
+
+    def join_snapshot(self, timeout: float | None = None) -> bool:
+        """Wait for a background snapshot to finish; False if it is still running."""
+        thread = self._snapshot_thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    def _deserialize(self, path: str) -> tuple[Any, ...]:
+        # Our own snapshot may still be copying the store, and may even have replaced the file
+        # pysyncobj just received (then Raft simply sends it again): both are whole snapshots.
+        self.join_snapshot()
+        store_dir = self.options.store_dir
+        loaded = snapshot.load(path, snapshot.staging_dir(store_dir), self.store.applied_index())
+        if loaded.store_dir is not None:
+            with self._store_lock:
+                self.store.close()
+                try:
+                    snapshot.install(loaded.store_dir, store_dir)
+                finally:
+                    snapshot.recover(store_dir)
+                    self.store = self._open_store()
+                    self.fsm = StateMachine(self.store)
+            log.info("installed snapshot at applied index %d", loaded.manifest.applied_index)
+        self._applied = self.store.applied_index()
+        return loaded.raft_state
+
+    def _open_store(self) -> Store:
+        o = self.options
+        return Store(o.store_dir, durable=o.durable, max_map_size=o.max_map_size)
+
+    def _on_tick(self) -> None:
+        if self._wake is None:  # created here: the poller belongs to the tick thread
+            self._wake = PipeNotifier(self._poller)
+        while self._tick_calls:
+            self._tick_calls.popleft()()
+        # A group of one commits an entry on the tick after the one that logged it, and that
+        # tick would wait for the poll timeout (50 ms): wake it at once while proposals wait.
+        # Bigger groups are woken by their followers' acknowledgements.
+        if self._outstanding and not self.otherNodes:
+            self._wake.notify()
+
+    def _on_tick_thread(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the tick thread (pysyncobj's transport is not thread-safe)."""
+        self._tick_calls.append(call)
+        if self._wake is not None:
+            self._wake.notify()
+
+    def _track(self, delta: int) -> None:
+        with self._outstanding_lock:
+            self._outstanding += delta
+
+    def _on_state_changed(self, old: int, new: int) -> None:
+        self._role = ROLES.get(new, str(new))
+        log.info("raft role %s -> %s", ROLES.get(old), self._role)
+
+    # -- reads (any thread) -----------------------------------------------------------------
+
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else str(leader.id)
+
+    def status(self) -> RaftStatus:
+        leader = self.leader_address()
+        return RaftStatus(
+            node_id=self.self_id,
+            role=self._role,
+            term=self.raftCurrentTerm,
+            leader=leader,
+            commit_index=self.raftCommitIndex,
+            applied_index=self._applied,
+            has_quorum=self.hasQuorum,
+            ready=self.isReady() and leader is not None and self.bootstrapped,
+            peers={n.id: {"connected": self.isNodeConnected(n)} for n in self.otherNodes},
+        )
+
+    def read_store(self, fn: Callable[[Store], Any]) -> Any:
+        """Run ``fn`` on the store, safe against a concurrent snapshot install."""
+        with self._store_lock:
+            return fn(self.store)
+
+    # -- writes (asyncio loop of the main thread) ---------------------------------------------
+
+    async def propose(self, data: bytes, wait: Wait = "applied", timeout: float = 10.0) -> Proposal:
+        """Append ``data`` to the log (this node must lead). ``none`` returns once pysyncobj
+        queued it (index 0: not known yet); ``committed`` and ``applied`` once the entry is
+        applied here (on the leader pysyncobj reports commit after the local apply, which is
+        also when LMDB shows it). Raises NotLeader or UnknownOutcome."""
+        if not self._isLeader():
+            raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
+        future = self._callback_future()
+        self._apply(data, callback=future.callback)
+        if wait == "none":
+            return Proposal(0, self.raftCurrentTerm, self.self_id)
+        res = await future.result(timeout, "propose")
+        result = Result(*res)
+        term = self.raftCurrentTerm
+        return Proposal(result.index, term, self.self_id, result if wait == "applied" else None)
+
+    async def barrier(self, timeout: float = 10.0) -> Proposal:
+        """Propose a :class:`~llmcache.cluster.commands.Noop`; once it is applied every entry
+        committed before the call is applied here (for linearizable reads)."""
+        return await self.propose(commands.encode(commands.Noop()), "applied", timeout)
+
+    async def transfer_leadership(self, to: str | None = None, timeout: float = 10.0) -> str | None:
+        """Hand leadership to ``to`` (None: the most caught-up connected follower) and wait,
+        within ``timeout``, until this node stepped down; returns the leader it then knows."""
+        if not self._isLeader():
+            raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
+        future = self._callback_future()
+        self._on_tick_thread(lambda: self.transferLeadership(to, callback=future.callback))
+        await future.result(timeout, "leadership transfer")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._isLeader() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._isLeader():
+            raise UnknownOutcome("leadership transfer sent but this node still leads")
+        return self.leader_address()
+
+    async def add_node(self, addr: str, timeout: float = 30.0) -> None:
+        """Add one node to the group (committed when this returns)."""
+        await self._change_membership(self.addNodeToCluster, addr, timeout)
+
+    async def remove_node(self, addr: str, timeout: float = 30.0) -> None:
+        """Remove one node from the group (committed when this returns)."""
+        await self._change_membership(self.removeNodeFromCluster, addr, timeout)
+
+    async def _change_membership(self, change: Any, addr: str, timeout: float) -> None:
+        if not self._isLeader():
+            raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
+        future = self._callback_future()
+        change(addr, callback=future.callback)
+        await future.result(timeout, "membership change")
+
+    def _callback_future(self) -> _CallbackFuture:
+        self._track(1)
+        return _CallbackFuture(asyncio.get_running_loop(), self)
+
+
+class _CallbackFuture:
+    """A pysyncobj callback ``(result, fail_reason)`` delivered to an asyncio future."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, core: RaftCore) -> None:
+        self.loop = loop
+        self.core = core
+        self.future: asyncio.Future[tuple[Any, int]] = loop.create_future()
+
+    def callback(self, res: Any, err: int) -> None:  # tick thread (or the caller's on QUEUE_FULL)
+        self.core._track(-1)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: we are shutting down
+            self.loop.call_soon_threadsafe(self._settle, res, err)
+
+    def _settle(self, res: Any, err: int) -> None:
+        if not self.future.done():
+            self.future.set_result((res, err))
+
+    async def result(self, timeout: float, what: str) -> Any:
+        try:
+            res, err = await asyncio.wait_for(self.future, timeout)
+        except TimeoutError:
+            raise UnknownOutcome(f"{what}: no outcome within {timeout} s") from None
+        if err == FAIL_REASON.SUCCESS:
+            return res
+        if err == FAIL_REASON.REQUEST_DENIED:
+            raise RequestDenied(f"{what} denied by Raft")
+        if err == FAIL_REASON.QUEUE_FULL:
+            raise RaftUnavailable(f"{what}: the Raft command queue is full")
+        if err in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
+            raise NotLeader(f"{what}: leadership lost", self.core.leader_address())
+        raise UnknownOutcome(f"{what}: leader changed before commit (reason {err})")
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+def run(options: RaftCoreOptions) -> int:
+    """Run raft-core until SIGTERM/SIGINT; returns the process exit status (0 on a clean stop)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.INFO,
+            format="%(asctime)s raft-core %(levelname)s %(name)s: %(message)s",
+        )
+    return asyncio.run(_serve(options))
+
+
+async def _serve(options: RaftCoreOptions) -> int:
+    options.raft_dir.mkdir(parents=True, exist_ok=True)
+    with open(options.raft_dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error("another raft-core holds %s", options.data_dir)
+            return 1
+        return await _serve_locked(options)
+
+
+async def _serve_locked(options: RaftCoreOptions) -> int:
+    snapshot.recover(options.store_dir)
+    dump = options.raft_dir / "snapshot"
+    if dump.exists():
+        # pysyncobj would log a bad dump and carry on, unable to apply anything: fail-stop.
+        try:
+            snapshot.load(dump, snapshot.staging_dir(options.store_dir), sys.maxsize)
+        except snapshot.SnapshotInvalid as exc:
+            log.error("snapshot %s is invalid (%s); move the raft dir away to resync", dump, exc)
+            return 1
+    try:
+        core = RaftCore(options)
+    except RaftStateLost as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        core.waitBinded()
+    except SyncObjException:
+        log.error("cannot bind the Raft port %s", options.self_address)
+        core.destroy_synchronous()
+        return 1
+    server = IpcServer(core, options.socket_path)
+    await server.start()
+    log.info("raft-core %s serving on %s", options.self_address, options.socket_path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    status = 0
+    bootstrap = asyncio.create_task(_bootstrap_default_tenant(core))
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if not core.tick_thread_alive():
+            log.error("the Raft tick thread died")
+            status = 1
+            break
+    bootstrap.cancel()
+    if status == 0 and core._isLeader() and core.otherNodes:
+        try:
+            leader = await core.transfer_leadership(None, 2 * options.raft_max_timeout_s)
+            log.info("handed leadership to %s", leader)
+        except Exception as exc:  # stopping anyway: the followers will elect after a timeout
+            log.warning("leadership transfer failed: %s", exc)
+    await server.close()
+    core.destroy_synchronous()
+    if core.join_snapshot(SNAPSHOT_JOIN_S):
+        core.store.close()
+    else:  # a partial snapshot file is harmless: the previous one and the journal stand
+        log.warning("exiting while a snapshot is still being written")
+    log.info("raft-core %s stopped", options.self_address)
+    return status
+
+
+async def _bootstrap_default_tenant(core: RaftCore) -> None:
+    """Once this node leads a ready group, create tenant ``default`` if it does not exist.
+
+    The fixed request id makes the proposal idempotent if two leaders in turn both propose it.
+    """
+    upsert = commands.encode(
+        commands.TenantUpsert(tenant="default", request_id=BOOTSTRAP_REQUEST_ID)
+    )
+
+    def exists(store: Store) -> bool:
+        with store.read() as txn:
+            return store.tenant(txn, "default") is not None
+
+    # Until tenant default exists, requests without a token would fail: not ready yet.
+    while not core.read_store(exists):
+        st = core.status()
+        if st.role == "leader" and core.isReady():
+            try:
+                await core.propose(upsert, "applied", 10.0)
+            except Exception as exc:  # leadership moved, or slow: look again
+                log.info("bootstrap of tenant default: %s", exc)
+        await asyncio.sleep(0.5)
+    core.bootstrapped = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmcache.cluster.raft_core", description="Run a node's raft-core."
+    )
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--socket", type=Path, required=True, help="the IPC Unix socket")
+    parser.add_argument("--self", dest="self_address", required=True, help="HOST:PORT")
+    parser.add_argument("--peer", action="append", default=[], help="HOST:PORT (repeatable)")
+    parser.add_argument("--password-env", help="environment variable holding the Raft password")
+    parser.add_argument("--log-compaction-min-entries", type=int, default=5000)
+    parser.add_argument(
+        "--election-timeout",
+        nargs=2,
+        type=float,
+        metavar=("MIN", "MAX"),
+        default=(2.0, 4.0),
+        help="seconds; the leader fallback timeout follows MAX",
+    )
+    parser.add_argument("--no-fsync", action="store_true", help="LMDB durable=False")
+    args = parser.parse_args(argv)
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            print(f"raft-core: ${args.password_env} is not set", file=sys.stderr)
+            return 2
+    try:
+        options = RaftCoreOptions(
+            data_dir=args.data_dir,
+            socket_path=args.socket,
+            self_address=args.self_address,
+            peers=args.peer,
+            password=password,
+            raft_min_timeout_s=args.election_timeout[0],
+            raft_max_timeout_s=args.election_timeout[1],
+            leader_fallback_timeout_s=args.election_timeout[1],
+            log_compaction_min_entries=args.log_compaction_min_entries,
+            durable=not args.no_fsync,
+        )
+    except ValueError as exc:
+        print(f"raft-core: {exc}", file=sys.stderr)
+        return 2
+    return run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""A server worker process: the aiohttp application over a read-only view of the node's LMDB.
+
+Each worker has its own embedder, derived indexes (kept current from the change feed, and
+checkpointed to ``<data_dir>/index/worker-<n>`` on shutdown) and one IPC connection to
+raft-core, through which all its writes go. Workers share the HTTP port with SO_REUSEPORT, so
+the kernel spreads connections over them.
+
+SIGTERM/SIGINT: aiohttp stops accepting, lets in-flight requests finish (up to
+``SHUTDOWN_GRACE_S``), then the cleanup context checkpoints the indexes and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from llmcache.cluster.ipc import IpcProposer
+from llmcache.node import metrics, proxy
+from llmcache.node.app import make_app
+from llmcache.node.config import NodeConfig
+from llmcache.node.embed import (
+    CachedEmbedder,
+    Embedder,
+    EmbeddingCache,
+    RemoteEmbedder,
+    default_embedder,
+)
+from llmcache.node.engine import Engine
+from llmcache.node.index import IndexParams
+from llmcache.node.index_feed import IndexFeed
+from llmcache.node.services import PriceEntry, ServerSettings, Services
+from llmcache.node.store import Store
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 20.0
+STATUS_PERIOD_S = 2.0
+
+
+def store_path(cfg: NodeConfig) -> Path:
+    return Path(cfg.data_dir) / "store"
+
+
+def socket_path(cfg: NodeConfig) -> Path:
+    return Path(cfg.data_dir) / "raft-core.sock"
+
+
+def embedders(cfg: NodeConfig) -> dict[str, Embedder]:
+    """The node's embedder under the name ``default`` (namespaces may also say ``supplied``)."""
+    if cfg.embedder == "none":
+        return {}
+    inner: Embedder
+    if cfg.embedder == "remote":
+        assert cfg.remote_embedder_url and cfg.remote_embedder_model and cfg.remote_embedder_dim
+        key = cfg.remote_embedder_api_key
+        inner = RemoteEmbedder(
+            cfg.remote_embedder_url,
+            cfg.remote_embedder_model,
+            cfg.remote_embedder_dim,
+            api_key=key.get_secret_value() if key else None,
+        )
+    else:
+        inner = default_embedder()
+    cache = EmbeddingCache(
+        Path(cfg.data_dir) / "embedding-cache", max_bytes=cfg.embedding_cache_bytes
+    )
+    return {"default": CachedEmbedder(inner, cache)}
+
+
+def server_settings(cfg: NodeConfig) -> ServerSettings:
+    admin = cfg.admin_token.get_secret_value() if cfg.admin_token else None
+    upstream_key = cfg.upstream_api_key.get_secret_value() if cfg.upstream_api_key else None
+    return ServerSettings(
+        node_id=cfg.node_name,
+        max_body_bytes=cfg.max_body_bytes,
+        upstream_base_url=cfg.upstream_base_url,
+        upstream_timeout_s=cfg.upstream_timeout_s,
+        upstream_api_key=upstream_key,
+        cache_enabled=cfg.enabled,
+        admin_token=admin,
+        open_access=cfg.open_access,
+        prices={
+            m: PriceEntry(p.get("prompt", 0.0), p.get("completion", 0.0))
+            for m, p in cfg.prices.items()
+        },
+    )
+
+
+def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
+    """The worker's application; the store is opened read-only (raft-core is its writer)."""
+    store = Store(store_path(cfg), readonly=True, max_map_size=cfg.max_map_size)
+    params = IndexParams(
+        m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, ef_search=cfg.hnsw_ef_search
+    )
+    feed = IndexFeed(store, params)
+    checkpoint = Path(cfg.data_dir) / "index" / f"worker-{worker_no}"
+    how = feed.open(checkpoint)
+    log.info(
+        "worker %d: indexes %s at applied index %d", worker_no, how, feed.indexes.applied_index
+    )
+    engine = Engine(store, feed, embedders(cfg))
+    proposer = IpcProposer(socket_path(cfg))
+    services = Services(engine, proposer, server_settings(cfg))
+    app = make_app(services, extra_routes=proxy.routes, extra_paths=proxy.openapi_paths())
+    proxy.setup(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_refresh_metrics(services))
+        yield
+        task.cancel()
+        await asyncio.to_thread(feed.checkpoint, checkpoint)
+        log.info("worker %d: indexes checkpointed at %d", worker_no, feed.indexes.applied_index)
+        await proposer.close()
+        store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def _refresh_metrics(services: Services) -> None:
+    """Raft and tenant gauges, refreshed in the background (never on a request's path)."""
+    store = services.engine.store
+    while True:
+        try:
+            status = await services.proposer.status()
+            metrics.RAFT_TERM.set(status.term)
+            metrics.RAFT_COMMIT_INDEX.set(status.commit_index)
+            metrics.RAFT_APPLIED_INDEX.set(status.applied_index)
+            metrics.RAFT_IS_LEADER.set(1 if status.role == "leader" else 0)
+            metrics.APPLY_LAG.set(max(0, status.commit_index - status.applied_index))
+            with store.read() as txn:
+                for tenant, _ in store.tenants(txn):
+                    stats = store.stats(txn, tenant)
+                    metrics.ENTRIES.labels(tenant).set(stats["entries"])
+                    metrics.ENTRY_BYTES.labels(tenant).set(stats["bytes"])
+                    metrics.EVICTIONS.labels(tenant).set(stats["evicted"])
+                    metrics.EXPIRATIONS.labels(tenant).set(stats["expired"])
+        except Exception as exc:  # raft-core restarting: try again next period
+            log.debug("metrics refresh failed: %s", exc)
+        await asyncio.sleep(STATUS_PERIOD_S)
+
+
+def run(cfg: NodeConfig, worker_no: int) -> None:
+    """Entry point of a worker process (started by the supervisor)."""
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format=f"%(asctime)s worker-{worker_no} %(levelname)s %(name)s: %(message)s",
+    )
+    ssl_context = None
+    if cfg.tls_cert and cfg.tls_key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    web.run_app(
+        build_app(cfg, worker_no),
+        host=cfg.host,
+        port=cfg.port,
+        reuse_port=True,
+        ssl_context=ssl_context,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        print=None,
+        access_log=None,
+    )
