@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -205,13 +205,13 @@ def decode(data: bytes) -> Command:
     cls = COMMAND_TYPES.get(type_code) if isinstance(type_code, int) else None
     if cls is None:
         raise MalformedCommand(f"unknown command type {type_code!r}")
-    hints = _hints(cls)
-    unknown = set(fields) - set(hints)
+    checkers = _checkers(cls)
+    unknown = set(fields) - set(checkers)
     if unknown:
         raise MalformedCommand(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    kwargs = {}
-    for name, value in fields.items():
-        kwargs[name] = _check(cls.__name__, name, hints[name], value)
+    kwargs = {
+        name: checkers[name](f"{cls.__name__}.{name}", value) for name, value in fields.items()
+    }
     try:
         command = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -250,38 +250,49 @@ def validate(command: Command) -> None:
         raise MalformedCommand("ConfigSet: a namespace needs its tenant")
 
 
-_HINTS: dict[type[Command], dict[str, Any]] = {}
+Checker = Callable[[str, Any], Any]
+"""``checker(where, value)`` returns ``value`` in the dataclass's shape or raises."""
+_CHECKERS: dict[type[Command], dict[str, Checker]] = {}
 
 
-def _hints(cls: type[Command]) -> dict[str, Any]:
-    if cls not in _HINTS:
-        all_hints = typing.get_type_hints(cls)
-        _HINTS[cls] = {f.name: all_hints[f.name] for f in dataclasses.fields(cls)}
-    return _HINTS[cls]
+def _checkers(cls: type[Command]) -> dict[str, Checker]:
+    """Per-field checkers, compiled once per command class from its annotations (the log is
+    decoded on every apply, so annotations are not re-inspected per entry)."""
+    if cls not in _CHECKERS:
+        hints = typing.get_type_hints(cls)
+        _CHECKERS[cls] = {f.name: _compile(hints[f.name]) for f in dataclasses.fields(cls)}
+    return _CHECKERS[cls]
 
 
-def _check(command: str, name: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against the field's annotation; returns it in the dataclass's shape."""
+def _compile(hint: Any) -> Checker:
     origin = typing.get_origin(hint)
-    where = f"{command}.{name}"
     if hint is Any:
-        return value
+        return lambda where, value: value
     if origin is tuple:
-        item = typing.get_args(hint)[0]
-        if not isinstance(value, list):
-            raise MalformedCommand(f"{where}: expected a list")
-        return tuple(_check(command, name, item, v) for v in value)
+        item = _compile(typing.get_args(hint)[0])
+
+        def check_tuple(where: str, value: Any) -> Any:
+            if not isinstance(value, list):
+                raise MalformedCommand(f"{where}: expected a list")
+            return tuple(item(where, v) for v in value)
+
+        return check_tuple
     if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise MalformedCommand(f"{where}: expected a map")
-        return {
-            _check(command, name, key_type, k): _check(command, name, value_type, v)
-            for k, v in value.items()
-        }
-    if origin in (types.UnionType, typing.Union):
-        raise MalformedCommand(f"{where}: unions are not part of the codec")
-    # bool is an int in Python; an int field must not accept True, nor a bool field 1.
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise MalformedCommand(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
+        key, val = (_compile(t) for t in typing.get_args(hint))
+
+        def check_dict(where: str, value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise MalformedCommand(f"{where}: expected a map")
+            return {key(where, k): val(where, v) for k, v in value.items()}
+
+        return check_dict
+    if origin is not None:
+        raise TypeError(f"{hint} is not part of the codec")
+
+    def check_scalar(where: str, value: Any) -> Any:
+        # bool is an int in Python; an int field must not accept True, nor a bool field 1.
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise MalformedCommand(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return value
+
+    return check_scalar

@@ -153,6 +153,9 @@ class StateMachine:
             return {"expired": self._delete_many(txn, ids, feed, "expired")}
         if isinstance(cmd, c.Evict):
             return {"evicted": self._delete_many(txn, sorted(set(cmd.ids)), feed, "evicted")}
+        if isinstance(cmd, (c.TenantUpsert, c.TenantDelete, c.ConfigSet)):
+            # Readers cache resolved settings until this moves.
+            txn.put(b"config_index", u64(self.store.applied_index(txn)), db=self.dbs["meta"])
         if isinstance(cmd, c.TenantUpsert):
             created = txn.get(cmd.tenant.encode(), db=self.dbs["tenants"]) is None
             txn.put(cmd.tenant.encode(), pack(cmd.config), db=self.dbs["tenants"])
@@ -219,12 +222,13 @@ class StateMachine:
         size = len(pack(record)) + len(cmd.vector)
         record["size"] = size
         eid = u64(new_id)
-        txn.put(eid, pack(record), db=self.dbs["entries"])
+        # Ids only grow: appending fills LMDB pages instead of splitting them in half.
+        txn.put(eid, pack(record), db=self.dbs["entries"], append=True)
         txn.put(join(cmd.tenant, cmd.exact_key), eid, db=self.dbs["exact"])
         if cmd.kind == "kv":
             txn.put(join(cmd.tenant, cmd.namespace, cmd.key), eid, db=self.dbs["keys"])
         else:
-            txn.put(eid, cmd.vector, db=self.dbs["vectors"])
+            txn.put(eid, cmd.vector, db=self.dbs["vectors"], append=True)
             feed.append([OP_ADD, new_id, entry.scope_key])
         txn.put(join(entry.scope_key, eid), b"", db=self.dbs["members"])
         for tag in entry.tags:

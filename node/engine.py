@@ -39,6 +39,7 @@ from llmcache.node.store import Entry, Store
 SUPPLIED = "supplied"
 """Embedder name of namespaces whose callers always send their own vectors."""
 MAX_REQUEST_ID_LEN = 128
+SETTINGS_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class Engine:
         self.clock = clock
         self.rng = rng
         self.access = AccessStats()
+        # (tenant, namespace) -> (config_index, settings): settings change only through
+        # TenantUpsert/TenantDelete/ConfigSet, which move the store's config_index.
+        self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -113,15 +117,22 @@ class Engine:
     ) -> policy.Settings:
         """Effective settings of (tenant, namespace); raises :class:`UnknownTenant`."""
         check_names(tenant, namespace)
+        request = {k: v for k, v in policy.validate(overrides or {}).items() if v is not None}
         with self.store.read() as txn:
-            if self.store.tenant(txn, tenant) is None:
-                raise UnknownTenant(f"no tenant {tenant!r}", field="tenant")
-            layers = [
-                self.store.config(txn),
-                self.store.config(txn, tenant),
-                self.store.config(txn, tenant, namespace),
-            ]
-        return policy.resolve(*layers, policy.validate(overrides or {}))
+            version = self.store.config_index(txn)
+            cached = self._settings.get((tenant, namespace))
+            if cached is None or cached[0] != version:
+                if self.store.tenant(txn, tenant) is None:
+                    raise UnknownTenant(f"no tenant {tenant!r}", field="tenant")
+                layers = [
+                    self.store.config(txn),
+                    self.store.config(txn, tenant),
+                    self.store.config(txn, tenant, namespace),
+                ]
+                if len(self._settings) > SETTINGS_CACHE_SIZE:
+                    self._settings.clear()
+                cached = self._settings[(tenant, namespace)] = (version, policy.resolve(*layers))
+        return cached[1].merged(request)
 
     def _embedder(self, settings: policy.Settings) -> Embedder | None:
         if settings.embedder == SUPPLIED:

@@ -62,9 +62,11 @@ class IndexFeed:
                 return self.indexes.applied_index
             while current < target:
                 last = current
+                batch: list[tuple[int, int, bytes]] = []
                 for index, changes in self.store.changes_since(txn, current):
-                    self._apply(txn, changes)
+                    batch.extend(changes)
                     last = index
+                self._apply(txn, batch)
                 if last == current:
                     break
                 current = last
@@ -72,13 +74,24 @@ class IndexFeed:
             return target
 
     def _apply(self, txn: object, changes: list[tuple[int, int, bytes]]) -> None:
+        # Adds are buffered per scope and flushed before a removal in that scope, so each
+        # scope sees its changes in log order while the index gets them in batches.
+        pending: dict[bytes, list[tuple[int, np.ndarray]]] = {}
         for op, entry_id, scope in changes:
             if op == OP_ADD:
                 vector = self.store.vector(txn, entry_id)
                 if vector is not None:  # deleted again later in the log: nothing to add
-                    self.indexes.add(scope, np.array([entry_id], np.uint64), vector[None, :])
+                    pending.setdefault(scope, []).append((entry_id, vector))
             else:
+                self._flush(scope, pending.pop(scope, []))
                 self.indexes.remove(scope, [entry_id])
+        for scope, adds in pending.items():
+            self._flush(scope, adds)
+
+    def _flush(self, scope: bytes, adds: list[tuple[int, np.ndarray]]) -> None:
+        if adds:
+            ids = np.array([i for i, _ in adds], np.uint64)
+            self.indexes.add(scope, ids, np.stack([v for _, v in adds]))
 
     def rebuild(self) -> None:
         with self._lock, self.store.read() as txn:

@@ -5,7 +5,8 @@ One LMDB environment (a directory) with named sub-databases:
 ============ ================================================ ===================================
 db           key                                              value
 ============ ================================================ ===================================
-``meta``     ``applied_index``, ``next_id``, ``schema``       u64 / msgpack
+``meta``     ``applied_index``, ``next_id``, ``config_index``  u64 / msgpack
+             ``schema``
 ``entries``  id (u64 big-endian)                              msgpack entry record (no vector)
 ``vectors``  id                                               float32 little-endian bytes
 ``exact``    tenant NUL exact_key (32 bytes)                  id
@@ -259,6 +260,11 @@ class Store:
             with self.read() as txn:
                 return self.applied_index(txn)
         raw = txn.get(b"applied_index", db=self.dbs["meta"])
+        return from_u64(raw) if raw else 0
+
+    def config_index(self, txn: Any) -> int:
+        """The applied index of the last change to tenants or settings (0: none yet)."""
+        raw = txn.get(b"config_index", db=self.dbs["meta"])
         return from_u64(raw) if raw else 0
 
     def entry(self, txn: Any, entry_id: int) -> Entry | None:

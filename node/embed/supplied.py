@@ -32,7 +32,10 @@ def validate_vector(v: object, dim: int | None, *, field: str = "vector") -> np.
     elif isinstance(v, list | tuple):
         # Length first: never convert a huge payload.
         _check_len(len(v), dim, field)
-        for i, x in enumerate(v):
+        # The exact-type test is the fast path (JSON and msgpack decode to float/int); the
+        # slower ABC test only runs to name the offending component.
+        plain = all(type(x) is float or type(x) is int for x in v)
+        for i, x in enumerate(() if plain else v):
             # bool is a numbers.Real subclass, but JSON true/false is not a component.
             if isinstance(x, bool) or not isinstance(x, numbers.Real):
                 raise InvalidVector(
