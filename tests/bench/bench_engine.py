@@ -144,11 +144,17 @@ def lmdb_bytes(cache: LocalCache) -> dict[str, int]:
     info, stat = cache.store.env.info(), cache.store.env.stat()
     data = cache.path / "store" / "data.mdb"
     st = data.stat()
-    return {
+    out = {
         "used": (info["last_pgno"] + 1) * stat["psize"],
         "file": st.st_size,
         "allocated": st.st_blocks * 512,
     }
+    with cache.store.read() as txn:
+        for name in ("entries", "vectors"):
+            db = txn.stat(cache.store.dbs[name])
+            pages = db["branch_pages"] + db["leaf_pages"] + db["overflow_pages"]
+            out[name] = pages * stat["psize"]
+    return out
 
 
 @contextmanager
@@ -182,16 +188,13 @@ def case_scope(n: int, batch: int, queries: int, profile: bool) -> Result:
         for lo in range(0, n, batch):
             m = min(batch, n - lo)
             vecs = batch_vectors(lo, m)
+            batch_keys = [
+                keys.text_key(TENANT, NAMESPACE, prompt(lo + j), PARAMS) for j in range(m)
+            ]
             t0 = time.perf_counter()
             entries = [
-                c.encode(
-                    engine.prepare_put(
-                        keys.text_key(TENANT, NAMESPACE, prompt(lo + j), PARAMS),
-                        RESPONSE,
-                        vector=vecs[j],
-                    )
-                )
-                for j in range(m)
+                c.encode(engine.prepare_put(k, RESPONSE, vector=v))
+                for k, v in zip(batch_keys, vecs, strict=True)
             ]
             t1 = time.perf_counter()
             ids[lo : lo + m] = apply_encoded(cache, entries)
@@ -203,7 +206,7 @@ def case_scope(n: int, batch: int, queries: int, profile: bool) -> Result:
             index_s += t3 - t2
             if lo and lo % 100_000 == 0:
                 print(f"  loaded {lo:,}", flush=True)
-        del entries, vecs
+        del entries, vecs, batch_keys
         rss1, anon1 = memory()
         res.update(
             prepare_rate=n / prepare_s,
@@ -220,6 +223,8 @@ def case_scope(n: int, batch: int, queries: int, profile: bool) -> Result:
             lmdb_used_per_entry=disk["used"] / n,
             lmdb_file_per_entry=disk["allocated"] / n,
             lmdb_beyond_payload=disk["used"] / n - len(RESPONSE) - VECTOR_BYTES - text_bytes,
+            lmdb_entries_db_per_entry=disk["entries"] / n,
+            lmdb_vectors_db_per_entry=disk["vectors"] / n,
         )
         print(
             f"N={n:,}: load prepare_put {res['prepare_rate']:,.0f}/s, apply "
@@ -310,14 +315,13 @@ def case_put(n: int, batch: int, durable: bool, per_scope: int) -> Result:
         cache = new_cache(Path(tmp), durable=durable)
         engine = cache.engine
         vecs = batch_vectors(7, n)
+        put_keys = [
+            keys.text_key(TENANT, NAMESPACE, prompt(i), {**PARAMS, "scope": i // per_scope})
+            for i in range(n)
+        ]
         t0 = time.perf_counter()
         puts = [
-            engine.prepare_put(
-                keys.text_key(TENANT, NAMESPACE, prompt(i), {**PARAMS, "scope": i // per_scope}),
-                RESPONSE,
-                vector=vecs[i],
-            )
-            for i in range(n)
+            engine.prepare_put(k, RESPONSE, vector=v) for k, v in zip(put_keys, vecs, strict=True)
         ]
         res["prepare_rate"] = n / (time.perf_counter() - t0)
         entries = [c.encode(p) for p in puts]
@@ -454,6 +458,12 @@ def fmt_lat(p50: float, p99: float) -> str:
 
 def print_summary(results: Result, sizes: list[int]) -> None:
     scopes: list[Result] = [results["scope"][str(n)] for n in sizes]
+    if scopes:
+        print_scopes(scopes, sizes)
+    print_puts_and_embedder(results)
+
+
+def print_scopes(scopes: list[Result], sizes: list[int]) -> None:
     head = f"{'':44}" + "".join(f"{f'N={n:,}':>18}" for n in sizes) + "  target"
     print("\n== one scope, 384-d, top_k 1 (latency p50 / p99 in us) ==")
     print(head)
@@ -515,11 +525,20 @@ def print_summary(results: Result, sizes: list[int]) -> None:
     )
     row("LMDB used pages per entry", [f"{r['lmdb_used_per_entry']:,.0f} B" for r in scopes])
     row("  beyond response + vector + text", [f"{r['lmdb_beyond_payload']:,.0f} B" for r in scopes])
+    row(
+        "  of which db entries / db vectors",
+        [
+            f"{r['lmdb_entries_db_per_entry']:,.0f} / {r['lmdb_vectors_db_per_entry']:,.0f} B"
+            for r in scopes
+        ],
+    )
     row("LMDB data.mdb allocated per entry", [f"{r['lmdb_file_per_entry']:,.0f} B" for r in scopes])
 
+
+def print_puts_and_embedder(results: Result) -> None:
     if results.get("put"):
         print("\n== put apply rate (entries/s; Put commands prepared and encoded beforehand) ==")
-        print(f"{'case':52}{'prepare_put':>12}{'apply':>10}{'apply+index':>13}  target")
+        print(f"{'case':58}{'prepare_put':>12}{'apply':>10}{'apply+index':>13}  target")
         for r in results["put"]:
             scopes_label = (
                 "1 scope (graph)"
@@ -528,7 +547,7 @@ def print_summary(results: Result, sizes: list[int]) -> None:
             )
             label = f"{r['n']:,} puts, {scopes_label}, {r['batch']}/txn, durable={r['durable']}"
             print(
-                f"{label:52}{r['prepare_rate']:>12,.0f}{r['apply_rate']:>10,.0f}"
+                f"{label:58}{r['prepare_rate']:>12,.0f}{r['apply_rate']:>10,.0f}"
                 f"{r['apply_index_rate']:>13,.0f}  >= {TARGET_PUT_RATE:,.0f}/s"
             )
     if results.get("embedder"):
