@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "LLMCACHE_TLS_CERT" in self.env else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -85,8 +87,12 @@ class NodeProcess:
         req.add_header("Content-Type", "application/json")
         for name, value in (headers or {}).items():
             req.add_header(name, value)
+        context = None
+        if "LLMCACHE_TLS_CERT" in self.env:
+            context = ssl.create_default_context(cafile=self.env["LLMCACHE_TLS_CERT"])
+            context.check_hostname = False
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=context) as resp:
                 raw = resp.read()
                 status, answer_headers = resp.status, dict(resp.headers)
         except urllib.error.HTTPError as err:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,23 @@ def test_proxy_through_a_real_node_with_the_openai_client(
         assert upstream.call_count("/v1/chat/completions") == before + 1
         assert set(statuses) <= {"MISS", "HIT"}
         assert node.stop() == 0
+
+
+def test_tls_when_given_a_certificate(tmp_path: Path, nodes: list[NodeProcess]) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    node = NodeProcess(
+        tmp_path / "n", env={"LLMCACHE_TLS_CERT": str(cert), "LLMCACHE_TLS_KEY": str(key)}
+    )
+    nodes.append(node)
+    node.start()
+    assert node.url.startswith("https://")
+    status, _, body = node.request("GET", "/livez")
+    assert status == 200 and body == {"status": "ok"}
+    # Plain HTTP on the TLS port is not served.
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{node.port}/livez", timeout=10)
