@@ -1,13 +1,15 @@
 """Benchmark of llmcache.node.index: rebuild rate, search latency, recall and memory.
 
-    python tests/bench/bench_index.py [--sizes 10000,100000,1000000] [--ef 64,128,256]
+    python tests/bench/bench_index.py [--sizes 10000,100000,1000000] [--ef 64,128,256] [--rank 32]
 
 For each N, random unit 384-d vectors in one scope, added in batches of 10,000 (as a rebuild from
 LMDB would): inserts/s, k=5 search latency p50/p99 over 2,000 queries at each ef_search, recall@1
 against brute force on 200 queries, and memory per entry beyond the 1,536 B vector payload, as
 both ``memory_bytes()`` and the process RSS delta. Queries are either near duplicates of stored
 vectors (cosine ~0.9 to their source, the cache's case) or uniformly random (hardest: in 384-d
-nearly all points are about equally far). Then 10,000 scopes of 5 entries each, added one entry
+nearly all points are about equally far). Isotropic random data is the worst case for HNSW;
+real embeddings have far fewer effective dimensions, which ``--rank R`` imitates by putting the
+stored vectors near a random R-d subspace. Then 10,000 scopes of 5 entries each, added one entry
 at a time, for the per-scope memory of many small scopes.
 """
 
@@ -41,10 +43,14 @@ def rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+def unit(rng: np.random.Generator, n: int, rank: int = 0) -> np.ndarray:
+    """``n`` random unit vectors: isotropic, or (``rank`` > 0) near a random ``rank``-d subspace."""
+    basis = rng.standard_normal((rank, DIM), dtype=np.float32) / np.sqrt(rank) if rank else None
     out: np.ndarray = np.empty((n, DIM), np.float32)
     for lo in range(0, n, 100_000):  # in chunks: no float64 copy of a million rows
         v = rng.standard_normal((min(100_000, n - lo), DIM), dtype=np.float32)
+        if basis is not None:  # signal in the subspace plus 10% isotropic noise
+            v = rng.standard_normal((len(v), rank), dtype=np.float32) @ basis + 0.1 * v
         out[lo : lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
@@ -67,9 +73,9 @@ def nearest(vecs: np.ndarray, qs: np.ndarray) -> np.ndarray:
     return best
 
 
-def bench_one_scope(n: int, efs: list[int]) -> None:
+def bench_one_scope(n: int, efs: list[int], rank: int) -> None:
     rng = np.random.default_rng(n)
-    vecs = unit(rng, n)
+    vecs = unit(rng, n, rank)
     ids = np.arange(n, dtype=np.uint64)
     scope = b"bench\0ns\0one"
     rss0 = rss()
@@ -137,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated scope sizes")
     parser.add_argument("--ef", default="64", help="comma-separated ef_search values to try")
+    parser.add_argument(
+        "--rank", type=int, default=0, help="stored vectors near a random subspace of this rank"
+    )
     parser.add_argument("--skip-small", action="store_true", help="skip the many-scopes case")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args()
@@ -144,12 +153,12 @@ def main() -> None:
         if args.case == "small":
             bench_many_small(10_000, 5)
         else:
-            bench_one_scope(int(args.case), [int(x) for x in args.ef.split(",")])
+            bench_one_scope(int(args.case), [int(x) for x in args.ef.split(",")], args.rank)
         return
     print(f"params: {IndexParams()}", flush=True)
-    cases = args.sizes.split(",") + ([] if args.skip_small else ["small"])
+    cases = [c.strip() for c in args.sizes.split(",")] + ([] if args.skip_small else ["small"])
     for case in cases:  # each in a fresh process: RSS deltas must not reuse another's freed heap
-        cmd = [sys.executable, __file__, "--case", case.strip(), "--ef", args.ef]
+        cmd = [sys.executable, __file__, "--case", case, "--ef", args.ef, "--rank", str(args.rank)]
         subprocess.run(cmd, check=True)
 
 
