@@ -55,6 +55,14 @@ def test_two_workers_serve_writes_at_once_and_restart_keeps_indexes(
         _, headers, found = node.request("POST", "/v1/cache/lookup", {"text": paraphrase})
         assert found["status"] == "SEMANTIC_HIT" and found["entry"]["text"] == prompt
         assert float(headers["X-LLMCache-Similarity"]) >= found["threshold"]
+    # Both workers' counters add up in /metrics (prometheus multiprocess mode).
+    _, _, text = node.request("GET", "/metrics")
+    hits = re.findall(
+        r'^llmcache_lookups_total\{kind="(exact|semantic)",result="hit",tenant="default"\} (\S+)$',
+        text.decode(),
+        re.M,
+    )
+    assert sum(float(n) for _, n in hits) == 6 * len(PAIRS) + len(PAIRS), hits
     assert node.stop(signal.SIGTERM) == 0
     log = node.log()
     assert log.count("indexes checkpointed") == 2, log
