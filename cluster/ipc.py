@@ -45,7 +45,7 @@ import msgpack
 
 from llmcache.cluster import commands
 from llmcache.cluster.fsm import Result
-from llmcache.node.errors import CacheError, InvalidRequest
+from llmcache.node.errors import CacheError, InvalidRequest, RaftUnavailable, RequestDenied
 from llmcache.node.proposer import WAITS, NotLeader, Proposal, RaftStatus, UnknownOutcome, Wait
 
 log = logging.getLogger("llmcache.raft.ipc")
@@ -54,20 +54,6 @@ MAX_FRAME = 64 << 20
 """Far above one log entry (a 4 MiB response plus its prompt and vector)."""
 REPLY_GRACE_S = 5.0
 """How long past the request's own timeout a client waits for raft-core's answer."""
-
-
-class RaftUnavailable(CacheError):
-    """raft-core cannot be reached (restarting) or cannot take the request now."""
-
-    code = "raft_unavailable"
-    http_status = 503
-
-
-class RequestDenied(CacheError):
-    """Raft refused a membership change or leadership transfer (see the message)."""
-
-    code = "request_denied"
-    http_status = 409
 
 
 class ConnectionLost(Exception):

@@ -53,7 +53,8 @@ from pysyncobj.syncobj import SyncObjException
 
 from llmcache.cluster import commands, snapshot
 from llmcache.cluster.fsm import Result, StateMachine
-from llmcache.cluster.ipc import IpcServer, RaftUnavailable, RequestDenied
+from llmcache.cluster.ipc import IpcServer
+from llmcache.node.errors import RaftUnavailable, RequestDenied
 from llmcache.node.proposer import NotLeader, Proposal, RaftStatus, UnknownOutcome, Wait
 from llmcache.node.store import Store
 

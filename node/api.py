@@ -39,7 +39,15 @@ from aiohttp import web
 from llmcache.cluster import commands as c
 from llmcache.node import auth, keys, limits, metrics, openapi, policy, wire
 from llmcache.node.engine import Engine, Hit, LookupResult
-from llmcache.node.errors import CacheError, InvalidRequest, NotFound, UnknownTenant
+from llmcache.node.errors import (
+    CacheError,
+    Conflict,
+    InvalidRequest,
+    NotCacheable,
+    NotFound,
+    NotReady,
+    UnknownTenant,
+)
 from llmcache.node.proposer import WAITS, Proposal, Wait
 from llmcache.node.services import PRINCIPAL, SERVICES, Principal, Services
 from llmcache.node.store import Entry, Store, from_u64, join, u64
@@ -81,21 +89,6 @@ ADMIN_LOCK = web.AppKey("admin_lock", asyncio.Lock)
 """Serialises this worker's read-modify-write of a tenant's token table."""
 OPENAPI_PATHS = web.AppKey("openapi_paths", dict)
 """Extra OpenAPI path items (the proxy's) that ``/openapi.json`` documents beside the API's."""
-
-
-class NotCacheable(CacheError):
-    code = "not_cacheable"
-    http_status = 422
-
-
-class Conflict(CacheError):
-    code = "conflict"
-    http_status = 409
-
-
-class NotReady(CacheError):
-    code = "not_ready"
-    http_status = 503
 
 
 class Unsupported(InvalidRequest):

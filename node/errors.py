@@ -104,3 +104,38 @@ class Forbidden(CacheError):
 
     code = "forbidden"
     http_status = 403
+
+
+class NotCacheable(CacheError):
+    """The request asks for an answer that must not be cached (e.g. a hot temperature)."""
+
+    code = "not_cacheable"
+    http_status = 422
+
+
+class Conflict(CacheError):
+    """A concurrent change won; read again and retry."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class NotReady(CacheError):
+    """This node cannot serve yet (no leader known, or applying behind)."""
+
+    code = "not_ready"
+    http_status = 503
+
+
+class RaftUnavailable(CacheError):
+    """raft-core cannot be reached (restarting) or cannot take the request now."""
+
+    code = "raft_unavailable"
+    http_status = 503
+
+
+class RequestDenied(CacheError):
+    """Raft refused a membership change or leadership transfer (see the message)."""
+
+    code = "request_denied"
+    http_status = 409

@@ -23,8 +23,9 @@ import pytest
 
 from llmcache.cluster import commands as c
 from llmcache.cluster.fsm import StateMachine
-from llmcache.cluster.ipc import IpcProposer, RaftUnavailable
+from llmcache.cluster.ipc import IpcProposer
 from llmcache.cluster.raft_core import RaftAuthenticator, RaftCoreOptions
+from llmcache.node.errors import RaftUnavailable
 from llmcache.node.proposer import NotLeader, RaftStatus
 from llmcache.node.store import Store
 
