@@ -161,6 +161,22 @@ class Feedback(Command):
     query: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Touch(Command):
+    """Access statistics reported by a node's workers: entry ``ids[i]`` was hit ``hits[i]``
+    times, last at ``last_hit_ms[i]``. Applied into the replicated ``access`` db (hits add up,
+    the last hit takes the max), so every node holds the statistics the leader's eviction
+    policy reads. Ids of entries that no longer exist are ignored."""
+
+    TYPE: ClassVar[int] = 11
+    ids: tuple[int, ...]
+    hits: tuple[int, ...]
+    last_hit_ms: tuple[int, ...]
+
+
+MAX_TOUCH_IDS = 4096
+"""Ids per :class:`Touch`: a few tens of KB, small enough for pysyncobj to forward safely."""
+
 COMMAND_TYPES: dict[int, type[Command]] = {
     cls.TYPE: cls
     for cls in (
@@ -174,6 +190,7 @@ COMMAND_TYPES: dict[int, type[Command]] = {
         ConfigSet,
         Noop,
         Feedback,
+        Touch,
     )
 }
 
@@ -246,6 +263,15 @@ def validate(command: Command) -> None:
         raise MalformedCommand("Invalidate: at least one filter is required")
     if isinstance(command, Feedback) and command.label not in ("correct", "wrong"):
         raise MalformedCommand(f"Feedback: label must be correct or wrong, not {command.label!r}")
+    if isinstance(command, Touch) and (
+        not len(command.ids) == len(command.hits) == len(command.last_hit_ms)
+        or len(command.ids) > MAX_TOUCH_IDS
+        or min((*command.ids, *command.hits, *command.last_hit_ms), default=0) < 0
+    ):
+        raise MalformedCommand(
+            f"Touch: ids, hits and last_hit_ms must be equal-length lists of non-negative "
+            f"integers, at most {MAX_TOUCH_IDS}"
+        )
     if isinstance(command, ConfigSet) and command.namespace and not command.tenant:
         raise MalformedCommand("ConfigSet: a namespace needs its tenant")
 

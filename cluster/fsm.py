@@ -170,6 +170,8 @@ class StateMachine:
             record.update(query=cmd.query, ts_ms=cmd.ts_ms)
             txn.put(u64(self.store.applied_index(txn)), pack(record), db=self.dbs["feedback"])
             return {}
+        if isinstance(cmd, c.Touch):
+            return {"touched": self._touch(txn, cmd)}
         if isinstance(cmd, c.Noop):
             return {}
         raise AssertionError(f"no apply for {type(cmd).__name__}")  # pragma: no cover
@@ -238,6 +240,22 @@ class StateMachine:
         self._count(txn, cmd.tenant, entries=1, size=size)
         return {"id": new_id, "replaced": old}
 
+    def _touch(self, txn: Any, cmd: c.Touch) -> int:
+        merged: dict[int, list[int]] = {}
+        for entry_id, hits, last in zip(cmd.ids, cmd.hits, cmd.last_hit_ms, strict=True):
+            row = merged.setdefault(entry_id, [0, 0])
+            row[0] += hits
+            row[1] = max(row[1], last)
+        touched = 0
+        for entry_id in sorted(merged):
+            if txn.get(u64(entry_id), db=self.dbs["entries"]) is None:
+                continue
+            hits, last = self.store.access(txn, entry_id)
+            row = [hits + merged[entry_id][0], max(last, merged[entry_id][1])]
+            txn.put(u64(entry_id), pack(row), db=self.dbs["access"])
+            touched += 1
+        return touched
+
     def _delete_many(
         self, txn: Any, ids: Iterable[int], feed: list[list[Any]], counter: str | None
     ) -> int:
@@ -248,6 +266,7 @@ class StateMachine:
                 continue
             eid = u64(entry_id)
             txn.delete(eid, db=self.dbs["entries"])
+            txn.delete(eid, db=self.dbs["access"])
             txn.delete(join(entry.tenant, entry.exact_key), db=self.dbs["exact"])
             if entry.kind == "kv":
                 txn.delete(join(entry.tenant, entry.namespace, entry.key), db=self.dbs["keys"])

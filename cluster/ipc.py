@@ -17,6 +17,8 @@ op                      request fields                             response fiel
 ``transfer_leader``     ``to`` (address or None), ``timeout``      ``leader``
 ``add_node``            ``addr``, ``timeout``                      —
 ``remove_node``         ``addr``, ``timeout``                      —
+``report_access``       ``ids``, ``hits``, ``last_hit_ms`` (equal-  ``accepted`` (ids kept)
+                        length lists of non-negative integers)
 ======================= ========================================== ==========================
 
 ``result`` is ``[index, value, error, message]`` (the state machine's
@@ -39,7 +41,7 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import msgpack
 
@@ -122,6 +124,8 @@ class Core(Protocol):
     async def add_node(self, addr: str, timeout: float) -> None: ...
 
     async def remove_node(self, addr: str, timeout: float) -> None: ...
+
+    def report_access(self, ids: list[int], hits: list[int], last_hit_ms: list[int]) -> int: ...
 
 
 class IpcServer:
@@ -215,6 +219,19 @@ class IpcServer:
             change = self.core.add_node if op == "add_node" else self.core.remove_node
             await change(addr, float(timeout))
             return {}
+        if op == "report_access":
+            ids, hits, last = m.get("ids"), m.get("hits"), m.get("last_hit_ms")
+            if (
+                _counts(ids)
+                and _counts(hits)
+                and _counts(last)
+                and len({*map(len, (ids, hits, last))}) == 1
+            ):
+                return {"accepted": self.core.report_access(ids, hits, last)}
+            raise InvalidRequest(
+                "report_access needs ids, hits and last_hit_ms: equal-length lists of "
+                "non-negative integers"
+            )
         raise InvalidRequest(f"unknown op {op!r}")
 
 
@@ -273,6 +290,20 @@ class IpcProposer:
 
     async def remove_node(self, addr: str, timeout: float = 30.0) -> None:
         await self._request({"op": "remove_node", "addr": addr}, timeout, outcome_unknown=True)
+
+    async def report_access(self, stats: dict[int, tuple[int, int]]) -> int:
+        """Hand ``{id: (hits, last_hit_ms)}`` (``AccessStats.drain()``) to raft-core, which
+        puts it in the log with its next ``Touch``; returns how many ids it kept."""
+        ids = sorted(stats)
+        message = {
+            "op": "report_access",
+            "ids": ids,
+            "hits": [stats[i][0] for i in ids],
+            "last_hit_ms": [stats[i][1] for i in ids],
+        }
+        reply = await self._request(message, 10.0, outcome_unknown=False)
+        accepted: int = reply["accepted"]
+        return accepted
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -339,6 +370,13 @@ class IpcProposer:
 class _Conn:
     writer: asyncio.StreamWriter
     pending: dict[int, asyncio.Future[dict[str, Any]]]
+
+
+def _counts(value: Any) -> TypeGuard[list[int]]:
+    """A list of non-negative integers (bools are not integers here)."""
+    return isinstance(value, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+    )
 
 
 def _error(raw: dict[str, Any]) -> CacheError:

@@ -8,7 +8,9 @@ take indexes too, which the state machine accepts as gaps. Everything runs on py
 thread except the IPC server and the asyncio methods, which run in the main thread's loop: they
 only queue commands (thread-safe in pysyncobj), hand transport work to the tick thread, and never
 touch LMDB while a snapshot could be swapping it (``_store_lock``). Log compaction writes its
-snapshot from a background thread, out of a read transaction pinned on the tick thread.
+snapshot from a background thread, out of a read transaction pinned on the tick thread. The
+loop also runs leader maintenance (:mod:`llmcache.cluster.maintenance`): workers' access reports
+into ``Touch`` on every node, and on the leader only, ``Expire`` and ``Evict``.
 
 Settings that were measured (shared/DESIGN.md §5): journal and full dump always together,
 ``appendEntriesUseBatch=False``, election timeouts 2–4 s with the leader fallback near them, and
@@ -51,7 +53,7 @@ from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, repli
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import SyncObjException
 
-from llmcache.cluster import commands, snapshot
+from llmcache.cluster import commands, maintenance, snapshot
 from llmcache.cluster.fsm import Result, StateMachine
 from llmcache.cluster.ipc import IpcServer
 from llmcache.node.errors import RaftUnavailable, RequestDenied
@@ -86,6 +88,8 @@ class RaftCoreOptions:
     log_compaction_min_time_s: float = 300
     durable: bool = True
     max_map_size: int = 64 << 30
+    maintenance_period_s: float = 5.0
+    """How often access reports become ``Touch`` and, on the leader, expiry and eviction run."""
 
     def __post_init__(self) -> None:
         if self.journal and not self.full_dump:
@@ -105,6 +109,8 @@ class RaftCoreOptions:
             )
         if not 0 < self.raft_min_timeout_s < self.raft_max_timeout_s:
             raise ValueError("need 0 < raft_min_timeout_s < raft_max_timeout_s")
+        if not self.maintenance_period_s > 0:
+            raise ValueError("maintenance_period_s must be positive")
 
     @property
     def store_dir(self) -> Path:
@@ -178,6 +184,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         self._auth = RaftAuthenticator(options.password) if options.password else None
         self._role = "follower"
         self.bootstrapped = False  # tenant default seen in the store (set by run())
+        self.access = maintenance.AccessBuffer()  # workers' reports until the next Touch
         self._store_lock = threading.Lock()
         options.raft_dir.mkdir(parents=True, exist_ok=True)
         snapshot.recover(options.store_dir)
@@ -365,7 +372,22 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         with self._store_lock:
             return fn(self.store)
 
+    def report_access(self, ids: list[int], hits: list[int], last_hit_ms: list[int]) -> int:
+        """Buffer a worker's access report until the next maintenance period (loop thread)."""
+        return self.access.add(ids, hits, last_hit_ms)
+
     # -- writes (asyncio loop of the main thread) ---------------------------------------------
+
+    def propose_forwarded(self, data: bytes) -> None:
+        """Append ``data`` to the log from any role, without waiting: on a follower pysyncobj
+        forwards it to the leader, and drops it (reporting MISSING_LEADER) while none is known.
+        For small best-effort entries only (``Touch``): the outcome is logged, never awaited."""
+
+        def done(_res: Any, err: int) -> None:
+            if err != FAIL_REASON.SUCCESS:
+                log.debug("a forwarded entry was not appended (reason %s)", err)
+
+        self._apply(data, callback=done)
 
     async def propose(self, data: bytes, wait: Wait = "applied", timeout: float = 10.0) -> Proposal:
         """Append ``data`` to the log (this node must lead). ``none`` returns once pysyncobj
@@ -512,6 +534,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     status = 0
     bootstrap = asyncio.create_task(_bootstrap_default_tenant(core))
+    maintain = asyncio.create_task(maintenance.run(core, options.maintenance_period_s))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -520,6 +543,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
             status = 1
             break
     bootstrap.cancel()
+    maintain.cancel()
     if status == 0 and core._isLeader() and core.otherNodes:
         try:
             leader = await core.transfer_leadership(None, 2 * options.raft_max_timeout_s)
@@ -580,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds; the leader fallback timeout follows MAX",
     )
     parser.add_argument("--no-fsync", action="store_true", help="LMDB durable=False")
+    parser.add_argument(
+        "--maintenance-period", type=float, default=5.0, help="seconds between maintenance runs"
+    )
     args = parser.parse_args(argv)
     password = None
     if args.password_env:
@@ -599,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             leader_fallback_timeout_s=args.election_timeout[1],
             log_compaction_min_entries=args.log_compaction_min_entries,
             durable=not args.no_fsync,
+            maintenance_period_s=args.maintenance_period,
         )
     except ValueError as exc:
         print(f"raft-core: {exc}", file=sys.stderr)

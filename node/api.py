@@ -11,6 +11,12 @@ Guarantees:
 - Writes answer with the :class:`~llmcache.node.proposer.Proposal`'s ``X-LLMCache-Leader``,
   ``-Term`` and ``-Index``; with ``wait="applied"`` (the default) the entry is visible to this
   node's next lookup. A write the state machine refused at apply is answered with its error.
+- Writes work on every node: a follower's proposer forwards the prepared command to the leader
+  (:mod:`llmcache.node.forwarding`); with ``?redirect=1`` a follower answers 307 to the leader
+  instead. Lookups take ``consistency`` (``stale``, ``leader``, ``linearizable``; or the
+  ``X-LLMCache-Consistency`` header), ``max_staleness_ms`` and ``min_index``
+  (:mod:`llmcache.node.consistency`) and answer the applied index they read at as
+  ``X-LLMCache-Index``.
 - Lookups and stores run the engine (which may embed text: CPU-bound) in the loop's default
   executor, so the event loop keeps serving.
 - A lookup selects what it is about with exactly one of ``text`` (raw text; ``params`` are the
@@ -37,7 +43,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from llmcache.cluster import commands as c
-from llmcache.node import auth, keys, limits, metrics, openapi, policy, wire
+from llmcache.node import auth, forwarding, keys, limits, metrics, openapi, policy, wire
+from llmcache.node.consistency import CONSISTENCY, READ_WAIT_S
 from llmcache.node.engine import Engine, Hit, LookupResult
 from llmcache.node.errors import (
     CacheError,
@@ -48,7 +55,7 @@ from llmcache.node.errors import (
     NotReady,
     UnknownTenant,
 )
-from llmcache.node.proposer import WAITS, Proposal, Wait
+from llmcache.node.proposer import WAITS, NotLeader, Proposal, RaftStatus, Wait
 from llmcache.node.services import PRINCIPAL, SERVICES, Principal, Services
 from llmcache.node.store import Entry, Store, from_u64, join, u64
 
@@ -59,7 +66,15 @@ T = TypeVar("T")
 DEFAULT_NAMESPACE = "default"
 SELECTORS = ("text", "request", "key")
 KEY_FIELDS = ("tenant", "namespace", *SELECTORS, "params", "window", "vector")
-LOOKUP_FIELDS = (*KEY_FIELDS, "threshold", "top_k", "consistency", "exact_only")
+LOOKUP_FIELDS = (
+    *KEY_FIELDS,
+    "threshold",
+    "top_k",
+    "consistency",
+    "exact_only",
+    "max_staleness_ms",
+    "min_index",
+)
 STORE_FIELDS = (
     *KEY_FIELDS,
     "response",
@@ -72,7 +87,6 @@ STORE_FIELDS = (
     "request_id",
     "wait",
 )
-CONSISTENCY = ("stale",)
 LIST_SCAN_ROWS = 10_000
 """Entries examined per page of ``GET /v1/cache/entries`` (other tenants' rows included), so a
 page costs bounded work; a short page with a ``next_cursor`` means "keep going"."""
@@ -159,8 +173,37 @@ def _status_of(code: str) -> int:
     return _STATUS_OF_CODE.get(code, 409)
 
 
+def _status_headers(status: RaftStatus) -> dict[str, str]:
+    return {
+        "X-LLMCache-Leader": status.leader or "",
+        "X-LLMCache-Term": str(status.term),
+        "X-LLMCache-Index": str(status.applied_index),
+    }
+
+
+def _to_leader(request: web.Request, status: RaftStatus) -> str:
+    """The leader's HTTP URL; :class:`NotLeader` (503) when no leader's URL is known."""
+    url = _services(request).settings.peers_http.get(status.leader or "")
+    if url is None:
+        raise NotLeader(f"{status.node_id} is not the leader and knows no leader URL", None)
+    return url
+
+
+async def _redirect_if_follower(request: web.Request) -> None:
+    """With ``?redirect=1``, a node that does not lead answers 307 to the same path and query
+    on the leader (the caller re-sends its request there); the leader carries on."""
+    if request.query.get("redirect") not in ("1", "true"):
+        return
+    status = await _services(request).proposer.status()
+    if status.role != "leader":
+        location = _to_leader(request, status) + request.rel_url.path_qs
+        raise web.HTTPTemporaryRedirect(location, headers=_status_headers(status))
+
+
 async def _propose(request: web.Request, command: c.Command, wait: Wait) -> Proposal:
-    """Propose ``command``; a refusal at apply is raised as its error (nothing changed)."""
+    """Propose ``command``; a refusal at apply is raised as its error (nothing changed).
+    On a follower the command is forwarded to the leader, or 307 with ``?redirect=1``."""
+    await _redirect_if_follower(request)
     proposal = await _services(request).proposer.propose(command, wait=wait)
     result = proposal.result
     if result is not None and not result.ok:
@@ -291,6 +334,52 @@ def _lookup(
     )
 
 
+async def _consistent_read(
+    request: web.Request, data: dict[str, Any], consistency: str
+) -> dict[str, str] | web.Response:
+    """Wait until this node may answer at ``consistency`` (and ``min_index``,
+    ``max_staleness_ms``); the headers describing the read (``X-LLMCache-Index`` is the applied
+    index it reads at least), or the leader's own answer when a follower forwarded a ``leader``
+    read. See :mod:`llmcache.node.consistency` for the guarantees."""
+    services = _services(request)
+    reads = services.reads
+    headers: dict[str, str] = {}
+    min_index = wire.get(data, "min_index", int, None)
+    max_staleness = wire.get(data, "max_staleness_ms", float, None)
+    if min_index is not None:
+        if not 0 <= min_index < 2**63:
+            raise InvalidRequest("min_index is from 0 to 2**63-1", field="min_index")
+        await reads.min_index(min_index)
+    if max_staleness is not None:
+        if not 0 <= max_staleness <= 2**53:
+            raise InvalidRequest("max_staleness_ms must be >= 0", field="max_staleness_ms")
+        headers.update(_status_headers(await reads.bounded_staleness(max_staleness)))
+    if consistency == "linearizable":
+        await reads.linearizable()
+    elif consistency == "leader":
+        status = await services.proposer.status()
+        headers.update(_status_headers(status))
+        if status.role != "leader":
+            return await _read_on_leader(request, status)
+    headers["X-LLMCache-Index"] = str(services.engine.store.applied_index())
+    return headers
+
+
+async def _read_on_leader(request: web.Request, status: RaftStatus) -> web.Response:
+    """A follower's ``consistency=leader`` lookup: 307 with ``?redirect=1``, else the same
+    request forwarded once to the leader (a forwarded request is never forwarded again)."""
+    url = _to_leader(request, status)
+    if request.query.get("redirect") in ("1", "true"):
+        location = url + request.rel_url.path_qs
+        raise web.HTTPTemporaryRedirect(location, headers=_status_headers(status))
+    proposer = _services(request).proposer
+    if request.headers.get(forwarding.FORWARDED_HEADER) or not isinstance(
+        proposer, forwarding.ForwardingProposer
+    ):
+        raise NotLeader(f"{status.node_id} is not the leader", status.leader)
+    return await forwarding.forward_request(proposer.session(), request, url, READ_WAIT_S)
+
+
 @routes.post("/v1/cache/lookup")
 async def lookup(request: web.Request) -> web.Response:
     started = time.perf_counter()
@@ -303,10 +392,13 @@ async def lookup(request: web.Request) -> web.Response:
     consistency = wire.get(data, "consistency", str, over.consistency or "stale")
     if consistency not in CONSISTENCY:
         raise Unsupported(
-            f"consistency {consistency!r} is not supported until the cluster lands; use stale",
+            f"consistency {consistency!r} is not one of {', '.join(CONSISTENCY)}",
             field="consistency",
         )
     threshold = wire.get(data, "threshold", float, over.threshold)
+    read = await _consistent_read(request, data, consistency)
+    if isinstance(read, web.Response):
+        return read
     result = await _run(
         _lookup, engine, tenant, namespace, data, threshold=threshold, bypass=over.no_cache
     )
@@ -326,7 +418,7 @@ async def lookup(request: web.Request) -> web.Response:
         "tokens": result.tokens,
         "truncated": result.truncated,
     }
-    headers = {"X-LLMCache-Status": status}
+    headers = {**read, "X-LLMCache-Status": status}
     if hit:
         headers["X-LLMCache-Similarity"] = f"{hit.similarity:.4f}"
         headers["X-LLMCache-Entry"] = str(hit.entry.id)

@@ -26,7 +26,8 @@ from llmcache.node.services import PRINCIPAL, SERVICES, Services
 
 log = logging.getLogger(__name__)
 AUTH = web.AppKey("auth", Authenticator)
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json", "/v1/internal/propose"})
+"""``/v1/internal/propose`` authenticates peers itself (HMAC, see ``node/forwarding.py``)."""
 PROXY_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -161,6 +161,10 @@ class NodeConfig(BaseSettings):
     durable: bool = True
     """fsync every LMDB write transaction."""
     max_map_size: int = Field(64 << 30, ge=1 << 20)
+    maintenance_period_s: float = Field(5.0, gt=0)
+    """raft-core: access reports into the log; on the leader, TTL purge and eviction."""
+    access_report_period_s: float = Field(5.0, gt=0)
+    """How often a worker reports its entries' hits to raft-core (input of eviction)."""
     embedder: Literal["default", "remote", "none"] = "default"
     """default: offline MiniLM; remote: OpenAI-compatible /embeddings; none: caller sends vectors"""
     remote_embedder_url: HttpURL | None = None

@@ -64,9 +64,10 @@ class LookupResult:
 
 
 class AccessStats:
-    """Per-entry hit counts and last-hit times of this process; input of eviction (LRU/LFU).
+    """Per-entry hit counts and last-hit times of this process since the last drain.
 
-    Local and not replicated: the leader's maintenance chooses victims from the reports."""
+    The worker drains them periodically to raft-core, which proposes them as ``Touch`` commands:
+    the replicated totals are what the leader's eviction (LRU/LFU) reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -58,6 +58,7 @@ def raft_options(cfg: NodeConfig) -> RaftCoreOptions:
         log_compaction_min_time_s=cfg.log_compaction_min_time_s,
         durable=cfg.durable,
         max_map_size=cfg.max_map_size,
+        maintenance_period_s=cfg.maintenance_period_s,
     )
 
 

@@ -372,7 +372,25 @@ SCHEMAS["LookupRequest"] = obj(
         **_SELECTORS,
         "threshold": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 1, "maximum": limits.MAX_TOP_K},
-        "consistency": {"type": "string", "enum": ["stale"], "default": "stale"},
+        "consistency": {
+            "type": "string",
+            "enum": ["stale", "leader", "linearizable"],
+            "default": "stale",
+            "description": "stale: this node's data; leader: answered by the leader (a "
+            "follower forwards, or answers 307 with ?redirect=1); linearizable: after a "
+            "barrier through the log.",
+        },
+        "max_staleness_ms": {
+            "type": "number",
+            "minimum": 0,
+            "description": "With stale: 503 stale_read when this node may be older than this.",
+        },
+        "min_index": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 2**63 - 1,
+            "description": "Wait (up to 10 s) until this node applied this index.",
+        },
         "exact_only": {"type": "boolean", "default": False},
     },
     description="Exactly one of text, request or key says what is looked up.",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from llmcache.node.consistency import Reads
 from llmcache.node.engine import Engine
 from llmcache.node.proposer import Proposer
 
@@ -50,6 +51,11 @@ class ServerSettings:
     open_access: bool = False
     """No tokens configured and bound to loopback: token-less requests act as tenant default."""
     prices: dict[str, PriceEntry] = field(default_factory=dict)
+    peers_http: dict[str, str] = field(default_factory=dict)
+    """Raft address → HTTP base URL of every other member (where writes and reads forward)."""
+    peer_key: bytes | None = field(default=None, repr=False)
+    """HMAC key of peer requests (``forwarding.peer_key`` of the Raft password); None: no peer
+    may call this node's internal routes."""
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Services:
     engine: Engine
     proposer: Proposer
     settings: ServerSettings
+    reads: Reads = field(init=False)
+    """The worker's read-consistency state (shared barriers, staleness)."""
+
+    def __post_init__(self) -> None:
+        self.reads = Reads(self.proposer, self.engine.store)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -23,6 +23,8 @@ db           key                                              value
 ``requests`` request id                                       msgpack [index, result]
 ``reqorder`` applied index (u64)                              request id (to prune ``requests``)
 ``feedback`` applied index (u64)                              msgpack feedback label on a hit
+``access``   id                                               msgpack [hits, last_hit_ms]
+                                                              (replicated by ``Touch``)
 ============ ================================================ ===================================
 
 Only the state machine (``llmcache.cluster.fsm``) writes it, from one thread of one process
@@ -46,6 +48,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,7 +82,10 @@ DB_NAMES = (
     "requests",
     "reqorder",
     "feedback",
+    "access",
 )
+REOPEN_CHECK_S = 1.0
+"""How often a read-only store checks whether its directory was replaced by a snapshot."""
 FEED_RETENTION = 100_000
 """Log indexes of change feed kept; a reader further behind rebuilds its indexes instead."""
 OP_REMOVE, OP_ADD = 0, 1
@@ -179,33 +186,67 @@ class Store:
         self.path = Path(path)
         self.max_map_size = max_map_size
         self.readonly = readonly
+        self._options: dict[str, Any] = {
+            "map_size": map_size,
+            "sync": durable,
+            "metasync": durable,
+        }
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
+        self.env, self.dbs = self._open()
+        self._identity = self._file_identity()
+        self._checked_at = time.monotonic()
+        self._reopen_lock = threading.Lock()
+        self._active = 0  # read transactions in flight
+        self._retired: list[Any] = []
+
+    def _open(self) -> tuple[Any, dict[str, Any]]:
+        env = lmdb.open(
             str(self.path),
-            map_size=map_size,
             max_dbs=len(DB_NAMES) + 1,
             subdir=True,
-            readonly=readonly,
-            sync=durable,
-            metasync=durable,
+            readonly=self.readonly,
             max_readers=1024,
-            # Readers in many threads: one reader slot per transaction, not per thread.
             lock=True,
+            **self._options,
         )
-        self.dbs: dict[str, Any] = {}
-        if readonly:
+        dbs: dict[str, Any] = {}
+        if self.readonly:
             for name in DB_NAMES:
-                self.dbs[name] = self.env.open_db(name.encode(), create=False)
+                dbs[name] = env.open_db(name.encode(), create=False)
         else:
-            with self.env.begin(write=True) as txn:
+            with env.begin(write=True) as txn:
                 for name in DB_NAMES:
-                    self.dbs[name] = self.env.open_db(name.encode(), txn=txn)
-                if txn.get(b"schema", db=self.dbs["meta"]) is None:
-                    txn.put(b"schema", pack(SCHEMA_VERSION), db=self.dbs["meta"])
+                    dbs[name] = env.open_db(name.encode(), txn=txn)
+                if txn.get(b"schema", db=dbs["meta"]) is None:
+                    txn.put(b"schema", pack(SCHEMA_VERSION), db=dbs["meta"])
+        return env, dbs
+
+    def _file_identity(self) -> tuple[int, int]:
+        stat = os.stat(self.path / "data.mdb")
+        return stat.st_dev, stat.st_ino
+
+    def _follow_replacement(self) -> None:
+        """A read-only store follows raft-core's snapshot installs, which replace the whole
+        directory: checked at most once per ``REOPEN_CHECK_S`` and reopened, under
+        ``_reopen_lock``, only while no read is in flight (a transaction must never meet the
+        db handles of another environment). The old environment is closed at ``close``."""
+        now = time.monotonic()
+        if self._active or now - self._checked_at < REOPEN_CHECK_S:
+            return
+        self._checked_at = now
+        try:
+            identity = self._file_identity()
+        except FileNotFoundError:  # between the two renames of an install
+            return
+        if identity != self._identity:
+            self._retired.append(self.env)
+            self.env, self.dbs = self._open()
+            self._identity = identity
 
     def close(self) -> None:
-        self.env.close()
+        for env in (*self._retired, self.env):
+            env.close()
 
     def __enter__(self) -> Store:
         return self
@@ -218,16 +259,22 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[Any]:
         """A read-only transaction: one consistent committed state."""
-        try:
-            txn = self.env.begin(buffers=False)
-        except lmdb.MapResizedError:
-            # Another process grew the map; adopt its size and begin again.
-            self.env.set_mapsize(0)
-            txn = self.env.begin(buffers=False)
+        with self._reopen_lock:
+            if self.readonly:
+                self._follow_replacement()
+            try:
+                txn = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                # Another process grew the map; adopt its size and begin again.
+                self.env.set_mapsize(0)
+                txn = self.env.begin(buffers=False)
+            self._active += 1
         try:
             yield txn
         finally:
             txn.abort()
+            with self._reopen_lock:
+                self._active -= 1
 
     def write(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(txn)`` in one write transaction and commit it, growing the map as needed.
@@ -303,6 +350,12 @@ class Store:
         raw = txn.get(tenant.encode(), db=self.dbs["stats"])
         entries, size, evicted, expired = unpack(raw) if raw else (0, 0, 0, 0)
         return {"entries": entries, "bytes": size, "evicted": evicted, "expired": expired}
+
+    def access(self, txn: Any, entry_id: int) -> tuple[int, int]:
+        """``(hits, last_hit_ms)`` of an entry as replicated by ``Touch``; ``(0, 0)``: never."""
+        raw = txn.get(u64(entry_id), db=self.dbs["access"])
+        hits, last_hit_ms = unpack(raw) if raw else (0, 0)
+        return hits, last_hit_ms
 
     def request_result(self, txn: Any, request_id: str) -> tuple[int, Any] | None:
         """``(applied index, result)`` of an already-applied request id, if remembered."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from llmcache.cluster.ipc import IpcProposer
-from llmcache.node import metrics, proxy
+from llmcache.node import forwarding, metrics, proxy
 from llmcache.node.app import make_app
 from llmcache.node.config import NodeConfig
 from llmcache.node.embed import (
@@ -74,6 +74,7 @@ def embedders(cfg: NodeConfig) -> dict[str, Embedder]:
 def server_settings(cfg: NodeConfig) -> ServerSettings:
     admin = cfg.admin_token.get_secret_value() if cfg.admin_token else None
     upstream_key = cfg.upstream_api_key.get_secret_value() if cfg.upstream_api_key else None
+    password = cfg.raft_password.get_secret_value() if cfg.raft_password else None
     return ServerSettings(
         node_id=cfg.node_name,
         max_body_bytes=cfg.max_body_bytes,
@@ -87,6 +88,8 @@ def server_settings(cfg: NodeConfig) -> ServerSettings:
             m: PriceEntry(p.get("prompt", 0.0), p.get("completion", 0.0))
             for m, p in cfg.prices.items()
         },
+        peers_http={p.raft_address: p.http_url for p in cfg.peers},
+        peer_key=forwarding.peer_key(password) if password else None,
     )
 
 
@@ -103,17 +106,28 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
         "worker %d: indexes %s at applied index %d", worker_no, how, feed.indexes.applied_index
     )
     engine = Engine(store, feed, embedders(cfg))
+    settings = server_settings(cfg)
     proposer = IpcProposer(socket_path(cfg))
-    services = Services(engine, proposer, server_settings(cfg))
-    app = make_app(services, extra_routes=proxy.routes, extra_paths=proxy.openapi_paths())
+    forwarder = forwarding.ForwardingProposer(
+        proposer, settings.peers_http, settings.peer_key, store
+    )
+    services = Services(engine, forwarder, settings)
+    app = make_app(
+        services,
+        extra_routes=[*proxy.routes, *forwarding.routes],
+        extra_paths=proxy.openapi_paths(),
+    )
     proxy.setup(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_refresh_metrics(services))
+        report = asyncio.create_task(_report_access(services, proposer, cfg.access_report_period_s))
         yield
         task.cancel()
+        report.cancel()
         await asyncio.to_thread(feed.checkpoint, checkpoint)
         log.info("worker %d: indexes checkpointed at %d", worker_no, feed.indexes.applied_index)
+        await forwarder.close()
         await proposer.close()
         store.close()
 
@@ -142,6 +156,21 @@ async def _refresh_metrics(services: Services) -> None:
         except Exception as exc:  # raft-core restarting: try again next period
             log.debug("metrics refresh failed: %s", exc)
         await asyncio.sleep(STATUS_PERIOD_S)
+
+
+async def _report_access(services: Services, proposer: IpcProposer, period_s: float) -> None:
+    """Every ``period_s``, hand this worker's access statistics to raft-core, which puts them
+    in the log (``Touch``) for the leader's eviction. Best effort: a report raft-core cannot
+    take (restarting) is dropped, which only makes eviction less informed."""
+    while True:
+        await asyncio.sleep(period_s)
+        stats = services.engine.access.drain()
+        if not stats:
+            continue
+        try:
+            await proposer.report_access(stats)
+        except Exception as exc:
+            log.debug("access report of %d entries dropped: %s", len(stats), exc)
 
 
 def run(cfg: NodeConfig, worker_no: int) -> None:

@@ -67,6 +67,22 @@ def invalidations(draw: st.DrawFn) -> c.Invalidate:
     return cmd if not cmd.is_empty() else c.Invalidate(tenant=cmd.tenant, namespace="ns1")
 
 
+@st.composite
+def touches(draw: st.DrawFn) -> c.Touch:
+    rows = draw(
+        st.lists(
+            st.tuples(st.integers(1, 40), st.integers(0, 3), st.sampled_from([0, 900, 2_000])),
+            max_size=5,
+        )
+    )
+    return c.Touch(
+        ids=tuple(r[0] for r in rows),
+        hits=tuple(r[1] for r in rows),
+        last_hit_ms=tuple(r[2] for r in rows),
+        request_id=draw(st.sampled_from(["", "t1"])),
+    )
+
+
 COMMANDS: st.SearchStrategy[c.Command] = st.one_of(
     puts(),
     puts(),
@@ -85,6 +101,7 @@ COMMANDS: st.SearchStrategy[c.Command] = st.one_of(
         ),
     ),
     st.builds(c.Noop),
+    touches(),
     st.builds(
         c.Feedback,
         tenant=TENANTS,

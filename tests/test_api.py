@@ -471,8 +471,10 @@ def per_request_headers(node: Served, now: list[float]) -> None:
     leader = node.call(
         "POST", "/v1/cache/lookup", query, headers={"X-LLMCache-Consistency": "leader"}
     )
-    assert leader.status == 400 and leader.error["field"] == "consistency"
-    assert leader.error["code"] == "not_supported"
+    # A group of one: this node is the leader, so it answers itself.
+    assert leader.status == 200 and leader.headers["X-LLMCache-Leader"] == "n1"
+    bogus = node.call("POST", "/v1/cache/lookup", query, headers={"X-LLMCache-Consistency": "x"})
+    assert bogus.status == 400 and bogus.error["field"] == "consistency"
 
 
 def test_wait_levels_and_request_ids(node: Served) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,30 @@ def test_apply_is_deterministic_and_idempotent(commands: list[c.Command]) -> Non
         batched = Log(Path(tmp) / "c")
         batched.fsm.apply_batch(a.entries)
         assert batched.store.digest() == digest
+
+
+def test_reader_follows_a_snapshot_install(tmp_path: Path) -> None:
+    from llmcache.cluster import snapshot
+    from llmcache.node.store import REOPEN_CHECK_S
+
+    store_dir = tmp_path / "store"
+    writer = Log(store_dir)
+    writer.apply(c.TenantUpsert(tenant="t1"))
+    # raft-core closes its own store before an install (and py-lmdb opens a path once per
+    # process); the readers in worker processes keep theirs open.
+    writer.store.close()
+    reader = Store(store_dir, readonly=True)
+    assert reader.applied_index() == 1
+    # A snapshot from the leader: another store, further ahead, installed over the directory.
+    ahead = Log(snapshot.staging_dir(store_dir))
+    for tenant in ("t1", "t2", "t3"):
+        ahead.apply(c.TenantUpsert(tenant=tenant))
+    ahead.store.close()
+    with reader.read() as txn:  # a read in flight during the install finishes normally
+        snapshot.install(snapshot.staging_dir(store_dir), store_dir)
+        assert reader.applied_index(txn) == 1
+    time.sleep(REOPEN_CHECK_S + 0.1)
+    assert reader.applied_index() == 3
+    with reader.read() as txn:
+        assert [name for name, _ in reader.tenants(txn)] == ["t1", "t2", "t3"]
+    reader.close()
