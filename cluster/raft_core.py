@@ -204,6 +204,8 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         self._outstanding_lock = threading.Lock()
         self._wake: PipeNotifier | None = None
         self._tick_calls: deque[Callable[[], None]] = deque()
+        self._acks: deque[Callable[[], None]] = deque()  # answered after the tick's fsync
+        self._synced = self._applied  # applied index known to be fsynced
         self._snapshot_state: int = SERIALIZER_STATE.NOT_SERIALIZING
         self._snapshot_thread: threading.Thread | None = None
         conf = SyncObjConf(
@@ -319,12 +321,21 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         return loaded.raft_state
 
     def _open_store(self) -> Store:
+        # LMDB does not fsync per commit: _on_tick fsyncs once per tick for every entry applied
+        # in it (group commit), before their proposers hear of them.
         o = self.options
-        return Store(o.store_dir, durable=o.durable, max_map_size=o.max_map_size)
+        return Store(o.store_dir, durable=False, max_map_size=o.max_map_size)
 
     def _on_tick(self) -> None:
         if self._wake is None:  # created here: the poller belongs to the tick thread
             self._wake = PipeNotifier(self._poller)
+        # pysyncobj applies a tick's entries before it runs the tick callbacks.
+        if self.options.durable and self._synced != self._applied:
+            with self._store_lock:
+                self.store.env.sync(True)
+            self._synced = self._applied
+        while self._acks:
+            self._acks.popleft()()
         while self._tick_calls:
             self._tick_calls.popleft()()
         # A group of one commits an entry on the tick after the one that logged it, and that
@@ -456,6 +467,10 @@ class _CallbackFuture:
 
     def callback(self, res: Any, err: int) -> None:  # tick thread (or the caller's on QUEUE_FULL)
         self.core._track(-1)
+        # Answered at the end of the tick, after the group commit's fsync.
+        self.core._acks.append(lambda: self._deliver(res, err))
+
+    def _deliver(self, res: Any, err: int) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are shutting down
             self.loop.call_soon_threadsafe(self._settle, res, err)
 
