@@ -117,11 +117,12 @@ def make_app(
     )
     app[SERVICES] = services
     app[AUTH] = Authenticator(services.engine.store, settings.admin_token, settings.open_access)
-    from llmcache.node import api  # the cache API routes
+    from llmcache.node import api, cluster_api  # the cache API routes
 
     app[api.ADMIN_LOCK] = asyncio.Lock()
     app[api.OPENAPI_PATHS] = dict(extra_paths or {})
     app.add_routes(api.routes)
+    app.add_routes(cluster_api.cluster_routes)
     app.add_routes(list(extra_routes))
 
     async def stamp_node(request: web.Request, response: web.StreamResponse) -> None:

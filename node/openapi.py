@@ -726,7 +726,13 @@ SCHEMAS["TenantList"] = obj({"tenants": {"type": "array", "items": ref("Tenant")
 SCHEMAS["Revoked"] = obj({"revoked": {"type": "string"}, "index": INDEX}, ("revoked", "index"))
 SCHEMAS["Live"] = obj({"status": {"const": "ok"}}, ("status",))
 SCHEMAS["Ready"] = obj(
-    {"status": {"const": "ready"}, "applied_index": INDEX, "worker_index": INDEX},
+    {
+        "status": {"const": "ready"},
+        "leader": {"type": ["string", "null"]},
+        "commit_index": INDEX,
+        "applied_index": INDEX,
+        "worker_index": INDEX,
+    },
     ("status", "applied_index", "worker_index"),
 )
 
