@@ -399,9 +399,18 @@ async def lookup(request: web.Request) -> web.Response:
     read = await _consistent_read(request, data, consistency)
     if isinstance(read, web.Response):
         return read
-    result = await _run(
-        _lookup, engine, tenant, namespace, data, threshold=threshold, bypass=over.no_cache
+    lookup = functools.partial(
+        _lookup, engine, tenant, namespace, threshold=threshold, bypass=over.no_cache
     )
+    # Only embedding is slow enough to leave the event loop (a thread hop costs more than an
+    # exact hit): exact and key lookups, and searches with the caller's vector, run inline; a
+    # text lookup first tries its exact key inline and embeds in the executor on a miss.
+    if ("text" not in data and "request" not in data) or "vector" in data:
+        result = lookup(data)
+    else:
+        result = lookup({**data, "exact_only": True})
+        if result.status != "hit" and not over.no_cache and not data.get("exact_only"):
+            result = await _run(lookup, data)
     now = engine.now_ms()
     hit = result.hit
     if hit and over.max_age_s is not None and now - hit.entry.created_at_ms > over.max_age_s * 1000:
@@ -862,8 +871,22 @@ async def livez(request: web.Request) -> web.Response:
     return wire.respond(request, {"status": "ok"})
 
 
+READY_MAX_LAG = 100
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
+    """200 only when all of these hold, else 503 ``not_ready`` saying which did not:
+
+    - raft-core answers and has loaded its state (snapshot, journal) and the group's default
+      tenant exists;
+    - a leader is known: this node leads with a quorum, or it is connected to the leader it
+      believes in;
+    - this node has applied up to the leader's last known commit index minus at most
+      ``READY_MAX_LAG`` (100) entries; a wiped or new node is therefore not ready until its
+      snapshot is installed and its log tail is applied;
+    - this worker's indexes have caught up with what raft-core had applied when asked.
+    """
     services = _services(request)
     try:
         status = await services.proposer.status()
@@ -872,13 +895,28 @@ async def readyz(request: web.Request) -> web.Response:
         raise NotReady("raft-core does not answer") from None
     if not status.ready:
         raise NotReady(f"raft is not ready (role {status.role}, leader {status.leader})")
+    leader_known = (status.role == "leader" and status.has_quorum) or (
+        status.leader is not None
+        and bool(status.peers.get(status.leader, {}).get("connected", False))
+    )
+    if not leader_known:
+        raise NotReady(f"no reachable leader (role {status.role}, leader {status.leader})")
+    lag = status.commit_index - status.applied_index
+    if lag > READY_MAX_LAG:
+        raise NotReady(f"this node lags the leader's commit by {lag} entries")
     try:
         index = await asyncio.wait_for(_run(services.engine.feed.catch_up), READY_WAIT_S)
     except TimeoutError:
         raise NotReady("this worker's indexes are catching up") from None
     if index < status.applied_index:
         raise NotReady(f"this worker has applied {index} of {status.applied_index}")
-    body = {"status": "ready", "applied_index": status.applied_index, "worker_index": index}
+    body = {
+        "status": "ready",
+        "leader": status.leader,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "worker_index": index,
+    }
     return wire.respond(request, body)
 
 

@@ -190,6 +190,9 @@ def run(cfg: NodeConfig, worker_no: int) -> None:
         reuse_port=True,
         ssl_context=ssl_context,
         shutdown_timeout=SHUTDOWN_GRACE_S,
+        # aiohttp's default of 128 pending connections turns a burst of clients into seconds
+        # of connect retries.
+        backlog=4096,
         print=None,
         access_log=None,
     )
