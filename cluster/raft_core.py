@@ -371,7 +371,9 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             role=self._role,
             term=self.raftCurrentTerm,
             leader=leader,
-            commit_index=self.raftCommitIndex,
+            # A follower's own commit index stops at the end of its log, so a node that is
+            # still receiving a snapshot would look caught up: report the leader's when known.
+            commit_index=max(self.raftCommitIndex, self._SyncObj__leaderCommitIndex or 0),
             applied_index=self._applied,
             has_quorum=self.hasQuorum,
             ready=self.isReady() and leader is not None and self.bootstrapped,

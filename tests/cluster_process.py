@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,46 @@ class ClusterProcess:
             node.kill()
 
     @staticmethod
+    def pids(node: NodeProcess) -> list[int]:
+        """The node's supervisor and the processes it started (raft-core, workers and
+        multiprocessing helpers), read from ``/proc``: children first."""
+        if node.proc is None or node.proc.poll() is not None:
+            return []
+        found: list[int] = []
+        for task in Path(f"/proc/{node.proc.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):  # the thread ended while we listed
+                found += [int(p) for p in (task / "children").read_text().split()]
+        return [*found, node.proc.pid]
+
+    def crash(self, node: NodeProcess) -> None:
+        """SIGKILL the whole node at once (children before the supervisor, so none of them
+        outlives it to stop gracefully), then reap the supervisor."""
+        for pid in self.pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.kill()
+
+    @staticmethod
+    def store_state(node: NodeProcess) -> tuple[int, str]:
+        """``(applied index, Store.digest())`` of the node's LMDB, opened read-only in a
+        subprocess; the index is read before and after the digest, and a change retried."""
+        script = (
+            "import json, sys\n"
+            "from llmcache.node.store import Store\n"
+            "s = Store(sys.argv[1], readonly=True)\n"
+            "for _ in range(50):\n"
+            "    a = s.applied_index(); d = s.digest()\n"
+            "    if s.applied_index() == a: break\n"
+            "print(json.dumps([a, d]))\n"
+        )
+        path = str(node.data_dir / "store")
+        out = subprocess.run(
+            [sys.executable, "-c", script, path], capture_output=True, timeout=60, check=True
+        )
+        applied, digest = json.loads(out.stdout)
+        return int(applied), str(digest)
+
+    @staticmethod
     def raft_address(node: NodeProcess) -> str:
         return f"127.0.0.1:{node.raft_port}"
 
@@ -49,12 +95,15 @@ class ClusterProcess:
         result: dict[str, Any] = body
         return result
 
-    def leader(self, deadline_s: float = STARTUP_DEADLINE_S) -> NodeProcess:
-        """The node that leads, once every node agrees on it."""
+    def leader(
+        self, deadline_s: float = STARTUP_DEADLINE_S, among: list[NodeProcess] | None = None
+    ) -> NodeProcess:
+        """The node that leads, once every node (or every node of ``among``) agrees on it."""
+        nodes = self.nodes if among is None else among
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
-            believed = {self.status(node)["leader"] for node in self.nodes}
-            for node in self.nodes:
+            believed = {self.status(node)["leader"] for node in nodes}
+            for node in nodes:
                 if believed == {self.raft_address(node)}:
                     return node
             time.sleep(0.2)
