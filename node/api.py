@@ -127,13 +127,21 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
-def _tenant(request: web.Request, role: str, named: str | None) -> str:
+async def _tenant(request: web.Request, role: str, named: str | None) -> str:
     """The tenant acted on (``named`` needs an admin of all tenants unless it is the caller's
-    own); it must exist."""
+    own); it must exist. A follower that does not know the tenant yet may simply not have
+    applied its creation: it catches up through a barrier once before answering 404."""
     if named is not None:
         wire.name(named, "tenant")
     tenant = auth.authorize(_principal(request), role, named)
-    _services(request).engine.settings(tenant, DEFAULT_NAMESPACE)
+    services = _services(request)
+    try:
+        services.engine.settings(tenant, DEFAULT_NAMESPACE)
+    except UnknownTenant:
+        if (await services.proposer.status()).role == "leader":
+            raise
+        await services.reads.linearizable()
+        services.engine.settings(tenant, DEFAULT_NAMESPACE)
     return tenant
 
 
@@ -387,7 +395,7 @@ async def lookup(request: web.Request) -> web.Response:
     data = await wire.read_body(request)
     wire.known(data, LOOKUP_FIELDS)
     over = wire.overrides(request.headers)
-    tenant = _tenant(request, "reader", wire.get(data, "tenant", str, None))
+    tenant = await _tenant(request, "reader", wire.get(data, "tenant", str, None))
     namespace = _namespace(data, over.namespace)
     consistency = wire.get(data, "consistency", str, over.consistency or "stale")
     if consistency not in CONSISTENCY:
@@ -522,7 +530,7 @@ async def store(request: web.Request) -> web.Response:
     data = await wire.read_body(request)
     wire.known(data, STORE_FIELDS)
     over = wire.overrides(request.headers)
-    tenant = _tenant(request, "writer", wire.get(data, "tenant", str, None))
+    tenant = await _tenant(request, "writer", wire.get(data, "tenant", str, None))
     namespace = _namespace(data, over.namespace)
     wait = _wait(data)
     data["request_id"] = _request_id(data)
@@ -549,7 +557,7 @@ async def invalidate(request: web.Request) -> web.Response:
     engine = _services(request).engine
     data = await wire.read_body(request)
     wire.known(data, ("tenant", "namespace", "tags", "key_prefix", "ids", "wait", "request_id"))
-    tenant = _tenant(request, "writer", wire.get(data, "tenant", str, None))
+    tenant = await _tenant(request, "writer", wire.get(data, "tenant", str, None))
     namespace = wire.get(data, "namespace", str, "")
     if namespace:
         wire.name(namespace, "namespace")
@@ -618,7 +626,7 @@ def _list_entries(
 @routes.get("/v1/cache/entries")
 async def list_entries(request: web.Request) -> web.Response:
     query = request.query
-    tenant = _tenant(request, "reader", query.get("tenant"))
+    tenant = await _tenant(request, "reader", query.get("tenant"))
     namespace = query.get("namespace") or None
     if namespace is not None:
         wire.name(namespace, "namespace")
@@ -645,7 +653,7 @@ def _entry_id(request: web.Request) -> int:
 @routes.get("/v1/cache/entries/{id}")
 async def get_entry(request: web.Request) -> web.Response:
     engine = _services(request).engine
-    tenant = _tenant(request, "reader", request.query.get("tenant"))
+    tenant = await _tenant(request, "reader", request.query.get("tenant"))
     entry = engine.entry(tenant, _entry_id(request))
     return wire.respond(request, entry_view(entry, engine.now_ms()))
 
@@ -653,7 +661,7 @@ async def get_entry(request: web.Request) -> web.Response:
 @routes.delete("/v1/cache/entries/{id}")
 async def delete_entry(request: web.Request) -> web.Response:
     engine = _services(request).engine
-    tenant = _tenant(request, "writer", request.query.get("tenant"))
+    tenant = await _tenant(request, "writer", request.query.get("tenant"))
     entry_id = _entry_id(request)
     wait = _wait({"wait": request.query.get("wait") or None})
     engine.entry(tenant, entry_id)  # 404 for a missing entry or another tenant's
@@ -668,7 +676,7 @@ async def feedback(request: web.Request) -> web.Response:
     engine = _services(request).engine
     data = await wire.read_body(request)
     wire.known(data, ("tenant", "entry_id", "label", "similarity", "query", "request_id", "wait"))
-    tenant = _tenant(request, "writer", wire.get(data, "tenant", str, None))
+    tenant = await _tenant(request, "writer", wire.get(data, "tenant", str, None))
     label = wire.choice(wire.require(data, "label", str), "label", ("correct", "wrong"))
     wait = _wait(data)
     entry_id = wire.require(data, "entry_id", int)

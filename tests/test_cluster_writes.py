@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -118,6 +121,29 @@ def test_a_retried_request_id_makes_one_entry(cluster: ClusterProcess) -> None:
     code, _, _ = lookup(follower, "k-retry", consistency="linearizable")
     assert code == 200
     assert len(kv_entries(follower, "k-retry")) == 1
+
+
+def test_a_follower_takes_writes_for_a_tenant_it_has_not_applied_yet(
+    cluster: ClusterProcess,
+) -> None:
+    leader, follower = cluster.leader(), cluster.followers()[0]
+    match = re.search(r"started raft-core \(pid (\d+)\)", follower.log())
+    assert match, follower.log()
+    core = int(match[1])  # the follower's raft-core, started by our node
+    os.kill(core, signal.SIGSTOP)  # the follower cannot learn of the new tenant
+    try:
+        code, _, body = leader.request("POST", "/v1/tenants", {"tenant": "fresh"})
+        assert code in (200, 201), body
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(store, follower, "k-fresh", "r", tenant="fresh")
+            time.sleep(0.5)  # the request is in the follower, which does not know "fresh"
+            os.kill(core, signal.SIGCONT)
+            code, _, body = answer.result(timeout=60)
+    finally:
+        os.kill(core, signal.SIGCONT)
+    assert code == 201, body
+    code, _, body = store(follower, "k-none", "r", tenant="never-created")
+    assert code == 404 and body["error"]["code"] == "unknown_tenant"
 
 
 def test_min_index_reads_your_writes_across_nodes(cluster: ClusterProcess) -> None:
