@@ -58,7 +58,7 @@ from llmcache.cluster.fsm import Result, StateMachine
 from llmcache.cluster.ipc import IpcServer
 from llmcache.node.errors import RaftUnavailable, RequestDenied
 from llmcache.node.proposer import NotLeader, Proposal, RaftStatus, UnknownOutcome, Wait
-from llmcache.node.store import Store
+from llmcache.node.store import Store, fsync_dir
 
 log = logging.getLogger("llmcache.raft")
 ROLES = {0: "follower", 1: "candidate", 2: "leader"}
@@ -278,7 +278,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         try:
             manifest = snapshot.save(tmp, self.store, raft_state, txn)
             os.replace(tmp, final)
-            snapshot.fsync_dir(final.parent)
+            fsync_dir(final.parent)
             took = time.monotonic() - started
             log.info("snapshot written at applied index %d in %.1f s", manifest.applied_index, took)
             state = SERIALIZER_STATE.SUCCESS

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from pysyncobj import pickle as raft_pickle
 
-from llmcache.node.store import Store
+from llmcache.node.store import Store, fsync_dir
 
 FORMAT = 1
 MAGIC = b"LLMCSNP\x01"
@@ -236,11 +236,3 @@ def _copy(src: IO[bytes], size: int | None, out: IO[bytes] | None) -> tuple[int,
     if size is not None and done != size:
         raise SnapshotInvalid("snapshot truncated inside a member")
     return done, h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llmcache.node.errors import CheckpointInvalid
+from llmcache.node.store import fsync_dir
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -374,11 +375,11 @@ class IndexSet:
                 f.write(json.dumps(manifest, separators=(",", ":")).encode())
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if directory.exists():
                 directory.rename(old)
             tmp.rename(directory)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -457,11 +458,3 @@ def _sha256(path: Path, *, fsync: bool = False) -> str:
         if fsync:
             os.fsync(f.fileno())
         return digest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -92,6 +92,15 @@ OP_REMOVE, OP_ADD = 0, 1
 """Change-feed operations: a row ``[op, id, scope key]`` per changed entry, in apply order."""
 
 
+def fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (the directory entry itself is fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def u64(value: int) -> bytes:
     return U64.pack(value)
 
