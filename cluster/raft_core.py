@@ -13,7 +13,7 @@ loop also runs leader maintenance (:mod:`llmcache.cluster.maintenance`): workers
 into ``Touch`` on every node, and on the leader only, ``Expire`` and ``Evict``.
 
 Settings that were measured (shared/DESIGN.md §5): journal and full dump always together,
-``appendEntriesUseBatch=False``, election timeouts 2–4 s with the leader fallback near them, and
+``appendEntriesUseBatch=False``, election timeouts 1.5–3 s with the leader fallback at 3 s, and
 a mandatory password on a multi-node group. pysyncobj encrypts with the ``cryptography`` package,
 which this project does not install, so the password keys :class:`RaftAuthenticator` instead:
 every Raft frame carries an HMAC-SHA256 and frames that fail it are dropped before they are
@@ -81,9 +81,9 @@ class RaftCoreOptions:
     password: str | None = field(default=None, repr=False)
     journal: bool = True
     full_dump: bool = True
-    raft_min_timeout_s: float = 2.0
-    raft_max_timeout_s: float = 4.0
-    leader_fallback_timeout_s: float = 4.0
+    raft_min_timeout_s: float = 1.5
+    raft_max_timeout_s: float = 3.0
+    leader_fallback_timeout_s: float = 3.0
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300
     durable: bool = True
@@ -231,6 +231,17 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         peers = [p for p in options.peers if p != options.self_address]
         super().__init__(options.self_address, peers, conf)
         self.addOnTickCallback(self._on_tick)
+        self._leader_contact: float | None = None  # monotonic time of the last append entries
+        # pysyncobj keeps no time of last contact: note it on the way into its own handler.
+        transport = self._SyncObj__transport
+        handler = self._SyncObj__onMessageReceived
+
+        def on_message(node: Any, message: Any) -> None:
+            if isinstance(message, dict) and message.get("type") == "append_entries":
+                self._leader_contact = time.monotonic()
+            handler(node, message)
+
+        transport.setOnMessageReceivedCallback(on_message)
 
     @property
     def encryptor(self) -> RaftAuthenticator | None:
@@ -378,7 +389,15 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             has_quorum=self.hasQuorum,
             ready=self.isReady() and leader is not None and self.bootstrapped,
             peers={n.id: {"connected": self.isNodeConnected(n)} for n in self.otherNodes},
+            leader_contact_ms=self._leader_contact_ms(),
         )
+
+    def _leader_contact_ms(self) -> int | None:
+        if self._role == "leader":
+            return 0
+        if self._leader_contact is None:
+            return None
+        return int((time.monotonic() - self._leader_contact) * 1000)
 
     def read_store(self, fn: Callable[[Store], Any]) -> Any:
         """Run ``fn`` on the store, safe against a concurrent snapshot install."""

@@ -153,9 +153,9 @@ class NodeConfig(BaseSettings):
     """Mandatory with peers: the Raft port unpickles what it receives."""
     journal: bool = True
     full_dump: bool = True
-    raft_min_timeout_s: float = Field(2.0, gt=0)
-    raft_max_timeout_s: float = Field(4.0, gt=0)
-    leader_fallback_timeout_s: float = Field(4.0, gt=0)
+    raft_min_timeout_s: float = Field(1.5, gt=0)
+    raft_max_timeout_s: float = Field(3.0, gt=0)
+    leader_fallback_timeout_s: float = Field(3.0, gt=0)
     log_compaction_min_entries: int = Field(5000, ge=1)
     log_compaction_min_time_s: float = Field(300.0, gt=0)
     durable: bool = True

@@ -94,6 +94,10 @@ def test_assess_flags_two_leaders_disagreement_and_a_stall() -> None:
     assert problems == ["B (b): applied index stalled at 4 (lag 16)"]
     assert rows[1]["applied_moved"] is False and rows[0]["applied_moved"] is True
 
+    silent = {**healthy, "b": {**healthy["b"], "leader_contact_ms": 4000}}
+    _, problems = assess(silent, silent)
+    assert problems == ["B (b) has not heard the leader for 4000 ms"]
+
     gone = {**after, "c": {"error": "c: refused"}}
     _, problems = assess(gone, gone)
     assert "c is unreachable (c: refused)" in problems
@@ -205,6 +209,8 @@ def test_status_and_transfer_leader(dev: DevCluster) -> None:
     nodes = body["nodes"]
     assert len(nodes) == 3 and all(n["ready"] and n["reachable"] for n in nodes)
     assert sorted(n["role"] for n in nodes) == ["follower", "follower", "leader"]
+    contacts = {n["role"]: n["leader_contact_ms"] for n in nodes}
+    assert contacts["leader"] == 0 and 0 <= contacts["follower"] < 1500
     old, _ = leader_url(body)
     assert {n["leader"] for n in nodes} == {old}
 

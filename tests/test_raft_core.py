@@ -286,6 +286,10 @@ def test_three_nodes_replicate_redirect_and_hand_over_on_sigterm(
         leader, statuses = await wait_leader(nodes)
         assert all(s.has_quorum for s in statuses)
         leader_status = next(s for s in statuses if s.node_id == leader.address)
+        assert leader_status.leader_contact_ms == 0
+        # Followers hear the leader's heartbeats every 0.1 s: far below an election timeout.
+        contacts = [s.leader_contact_ms for s in statuses if s is not leader_status]
+        assert all(c is not None and c < 1500 for c in contacts), contacts
         assert set(leader_status.peers) == {n.address for n in nodes if n is not leader}
         assert all(p["connected"] for p in leader_status.peers.values())
         await wait_default_tenant(leader)
