@@ -68,6 +68,7 @@ EXIT_APPLY_FAILED = 3
 diverge); the supervisor restarts the node, which replays the entry from its journal."""
 AUTH_WARNING_INTERVAL_S = 60.0
 SNAPSHOT_JOIN_S = 30.0
+ADVERTISE_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class RaftCoreOptions:
     log_compaction_min_time_s: float = 300
     durable: bool = True
     max_map_size: int = 64 << 30
+    http_url: str | None = None
+    """This node's HTTP front door, advertised to the group through the log."""
     maintenance_period_s: float = 5.0
     """How often access reports become ``Touch`` and, on the leader, expiry and eviction run."""
 
@@ -571,6 +574,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
     status = 0
     bootstrap = asyncio.create_task(_bootstrap_default_tenant(core))
     maintain = asyncio.create_task(maintenance.run(core, options.maintenance_period_s))
+    advertise = asyncio.create_task(_advertise(core, options.http_url))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -580,6 +584,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
             break
     bootstrap.cancel()
     maintain.cancel()
+    advertise.cancel()
     if status == 0 and core._isLeader() and core.otherNodes:
         try:
             leader = await core.transfer_leadership(None, 2 * options.raft_max_timeout_s)
@@ -619,6 +624,22 @@ async def _bootstrap_default_tenant(core: RaftCore) -> None:
                 log.info("bootstrap of tenant default: %s", exc)
         await asyncio.sleep(0.5)
     core.bootstrapped = True
+
+
+async def _advertise(core: RaftCore, url: str | None) -> None:
+    """Once the group is ready, make sure its replicated member URLs name ``url`` for this node
+    (followers forward writes to a leader by this URL when their config does not list it)."""
+    if url is None or not core.options.peers:  # a group of one forwards to nobody
+        return
+    data = commands.encode(commands.Advertise(address=core.self_id, http_url=url))
+    while core.read_store(lambda store: store.member_urls().get(core.self_id)) != url:
+        if core.status().ready:
+            if core._isLeader():
+                with contextlib.suppress(Exception):  # leadership moved: look again
+                    await core.propose(data, "applied", 10.0)
+            else:
+                core.propose_forwarded(data)
+        await asyncio.sleep(ADVERTISE_RETRY_S)
 
 
 def main(argv: list[str] | None = None) -> int:

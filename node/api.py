@@ -191,7 +191,8 @@ def _status_headers(status: RaftStatus) -> dict[str, str]:
 
 def _to_leader(request: web.Request, status: RaftStatus) -> str:
     """The leader's HTTP URL; :class:`NotLeader` (503) when no leader's URL is known."""
-    url = _services(request).settings.peers_http.get(status.leader or "")
+    services = _services(request)
+    url = forwarding.peer_url(services.settings.peers_http, services.engine.store, status.leader)
     if url is None:
         raise NotLeader(f"{status.node_id} is not the leader and knows no leader URL", None)
     return url

@@ -239,6 +239,11 @@ def store(url: str, key: str, request_id: str) -> int:
         return 0
 
 
+def advertised(url: str, address: str) -> str | None:
+    members = call(url, "GET", "/v1/cluster/members").body["members"]
+    return next((m["url"] for m in members if m["address"] == address), None)
+
+
 def readable(url: str, key: str) -> bool:
     answer = call(url, "POST", "/v1/cache/lookup", {"key": key}, timeout=10.0)
     return answer.ok and bool(answer.body["status"] == "HIT")
@@ -284,6 +289,18 @@ def test_membership_add_and_remove_while_writing(dev: DevCluster, tmp_path: Path
         # The new node knows the others' URLs, so status from it finds all four.
         result = dev.cli("cluster", "status", "--json", "--url", fourth.url)
         assert len(json.loads(result.stdout)["nodes"]) == 4, result.stdout
+        # The old nodes learn its URL through the log (no config lists it) ...
+        deadline = time.monotonic() + DEADLINE_S
+        while advertised(urls[0], address) != fourth.url:
+            assert time.monotonic() < deadline, call(urls[0], "GET", "/v1/cluster/members").body
+            time.sleep(0.3)
+        # ... so they forward writes to it when it leads.
+        moved = dev.cli("cluster", "transfer-leader", "--to", address, "--url", urls[0])
+        assert moved.exit_code == 0, moved.output
+        assert store(urls[0], "to-the-fourth", uuid.uuid4().hex) == 201
+        assert readable(fourth.url, "to-the-fourth")
+        away = dev.cli("cluster", "transfer-leader", "--url", fourth.url)
+        assert away.exit_code == 0, away.output
 
         removed = dev.cli("cluster", "remove", address, "--url", urls[1])
         assert removed.exit_code == 0 and f"removed {address}" in removed.stdout, removed.output
