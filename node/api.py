@@ -535,7 +535,12 @@ async def store(request: web.Request) -> web.Response:
     namespace = _namespace(data, over.namespace)
     wait = _wait(data)
     data["request_id"] = _request_id(data)
-    put = await _run(_prepare_store, engine, tenant, namespace, data, over)
+    # As for lookups: only embedding leaves the event loop (thread hops cost more, and CPU
+    # work in pool threads starves the loop's many short GIL-releasing calls).
+    if "vector" in data or "key" in data:
+        put = _prepare_store(engine, tenant, namespace, data, over)
+    else:
+        put = await _run(_prepare_store, engine, tenant, namespace, data, over)
     proposal = await _propose(request, put, wait)
     value = _applied(proposal)
     metrics.STORES.labels(tenant, "duplicate" if "duplicate_of" in value else "stored").inc()
