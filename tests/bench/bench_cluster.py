@@ -1,7 +1,7 @@
 """Benchmark of a 3-node ``llmcache-node`` Raft group on loopback (not collected by pytest).
 
     python tests/bench/bench_cluster.py [--puts 6000] [--concurrency 32] [--entries 20000]
-                                        [--failovers 3] [--json out.json]
+                                        [--failovers 3] [--json out.json] [--commit REV]
 
 Starts three nodes (one worker each, ``LLMCACHE_EMBEDDER=none``) in a temporary directory on
 free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedder
@@ -23,7 +23,9 @@ free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedd
    leader's applied index. Log compaction runs every 1,000 entries, so the leader has a
    snapshot.
 
-Prints the load average before and after. Targets (printed, not asserted): ≥ 1,500 puts/s,
+``--commit REV`` runs that commit's node code (exported as in bench_http.py), so changes to
+the working tree during a long run cannot mix versions (a node restarted mid-run would load
+them). Prints the load average before and after. Targets (printed, not asserted): ≥ 1,500 puts/s,
 failover gap ≤ 5 s.
 """
 
@@ -46,6 +48,9 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_http import code_under_test
 
 from tests.cluster_process import ClusterProcess
 from tests.node_process import NodeProcess
@@ -205,6 +210,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--failovers", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--commit", help="run the node code of this git commit (exported)")
     args = parser.parse_args()
     results: dict[str, Any] = {"loadavg_before": os.getloadavg()}
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -212,6 +218,12 @@ def main() -> None:
         "LLMCACHE_LOG_COMPACTION_MIN_ENTRIES": "1000",
         "LLMCACHE_LOG_COMPACTION_MIN_TIME_S": "5",
     }
+    source, results["code"] = code_under_test(args.commit, root)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(source), os.environ.get("PYTHONPATH")) if p
+        )
+    print("code:", results["code"], flush=True)
     cluster = ClusterProcess(root, env=env)
     try:
         cluster.start()
