@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import logging
@@ -73,6 +74,7 @@ diverge); the supervisor restarts the node, which replays the entry from its jou
 AUTH_WARNING_INTERVAL_S = 60.0
 SNAPSHOT_JOIN_S = 30.0
 ADVERTISE_RETRY_S = 2.0
+TRANSFER_RETRY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -478,11 +480,23 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         within ``timeout``, until this node stepped down; returns the leader it then knows."""
         if not self._isLeader():
             raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
-        future = self._callback_future()
-        self._on_tick_thread(lambda: self.transferLeadership(to, callback=future.callback))
-        await future.result(timeout, "leadership transfer")
+        if to is not None and to not in {n.id for n in self.otherNodes}:
+            raise RequestDenied(f"leadership transfer: {to} is not another member of this group")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while True:
+            future = self._callback_future()
+            self._on_tick_thread(functools.partial(self.transferLeadership, to, future.callback))
+            try:
+                await future.result(max(0.1, deadline - loop.time()), "leadership transfer")
+                break
+            except RequestDenied:
+                # pysyncobj denies a target whose log is not fully matched yet, which under
+                # writes is a matter of a heartbeat or two; anything else (not a member, no
+                # follower connected) stays denied until the deadline.
+                if loop.time() + TRANSFER_RETRY_S >= deadline or not self._isLeader():
+                    raise
+                await asyncio.sleep(TRANSFER_RETRY_S)
         while self._isLeader() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self._isLeader():
@@ -500,9 +514,20 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
     async def _change_membership(self, change: Any, addr: str, timeout: float) -> None:
         if not self._isLeader():
             raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # pysyncobj denies a change until a new leader has applied its first entry, and while an
+        # earlier change is uncommitted: both pass by themselves, so wait them out.
+        while not self._membership_change_allowed() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         future = self._callback_future()
         change(addr, callback=future.callback)
-        await future.result(timeout, "membership change")
+        await future.result(max(0.1, deadline - loop.time()), "membership change")
+
+    def _membership_change_allowed(self) -> bool:
+        applied = self._SyncObj__raftLastApplied
+        noop, pending = self._SyncObj__noopIDx, self._SyncObj__changeClusterIDx
+        return (noop is None or applied >= noop) and (pending is None or applied >= pending)
 
     def _callback_future(self) -> _CallbackFuture:
         self._track(1)

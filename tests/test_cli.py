@@ -229,6 +229,8 @@ def test_status_and_transfer_leader(dev: DevCluster) -> None:
         time.sleep(0.3)
         new = leader_url(dev.healthy())[0]
     assert new == target
+    stranger = dev.cli("cluster", "transfer-leader", "--to", "127.0.0.1:1")
+    assert stranger.exit_code == 1 and "not another member" in stranger.output, stranger.output
 
 
 def store(url: str, key: str, request_id: str) -> int:
@@ -297,7 +299,13 @@ def test_membership_add_and_remove_while_writing(dev: DevCluster, tmp_path: Path
         # ... so they forward writes to it when it leads.
         moved = dev.cli("cluster", "transfer-leader", "--to", address, "--url", urls[0])
         assert moved.exit_code == 0, moved.output
-        assert store(urls[0], "to-the-fourth", uuid.uuid4().hex) == 201
+        # (503 while the election the transfer started is still running: retried as a client
+        # would, with the same request id.)
+        request_id, deadline = uuid.uuid4().hex, time.monotonic() + DEADLINE_S
+        while store(urls[0], "to-the-fourth", request_id) != 201:
+            assert time.monotonic() < deadline, call(urls[0], "GET", "/v1/cluster/status").body
+            time.sleep(0.3)
+        assert call(fourth.url, "GET", "/v1/cluster/status").body["role"] == "leader"
         assert readable(fourth.url, "to-the-fourth")
         away = dev.cli("cluster", "transfer-leader", "--url", fourth.url)
         assert away.exit_code == 0, away.output
