@@ -30,6 +30,7 @@ from pathlib import Path
 
 IP = shutil.which("ip")
 UNSHARE = shutil.which("unshare")
+IPTABLES = shutil.which("iptables")
 # Inside the new UTS namespace: set the hostname, then become the program.
 _SET_HOSTNAME = 'hostname "$1" && shift && exec "$@"'
 _MOUNT_HOSTS = 'mount --bind "$2" /etc/hosts && hostname "$1" && shift 2 && exec "$@"'
@@ -154,6 +155,20 @@ class Hosts:
         if host.ns is not None and host.dev is not None:
             _run(IP or "ip", "-n", host.ns, "addr", "del", f"{old}/24", "dev", host.dev)
             _run(IP or "ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", host.dev)
+
+    def firewall(self, host: Host, allowed: list[tuple[int, list[str] | None]]) -> None:
+        """Admit TCP to ``host`` only on ``(port, sources)`` (None: from anywhere), plus replies
+        and loopback; reject the rest (netns mode only). Replaces earlier rules."""
+        assert host.ns is not None and IPTABLES is not None, "needs netns mode"
+        rules = [["-i", "lo"], ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"]]
+        for port, sources in allowed:
+            match = ["-p", "tcp", "--dport", str(port)]
+            rules += [match] if sources is None else [[*match, "-s", ip] for ip in sources]
+        iptables = [IP or "ip", "netns", "exec", host.ns, IPTABLES]
+        _run(*iptables, "-F", "INPUT")
+        for rule in rules:
+            _run(*iptables, "-A", "INPUT", *rule, "-j", "ACCEPT")
+        _run(*iptables, "-A", "INPUT", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset")
 
     def set_records(self, host: Host, records: dict[str, list[str]]) -> None:
         """Replace ``host``'s ``/etc/hosts`` (in place: running processes see the change)."""

@@ -157,3 +157,20 @@ def named_port(container: Mapping[str, Any], port: int | str) -> int:
     if isinstance(port, int):
         return port
     return int(next(p["containerPort"] for p in container["ports"] if p.get("name") == port))
+
+
+def ingress(
+    policy: Mapping[str, Any], container: Mapping[str, Any], set_ips: list[str]
+) -> list[tuple[int, list[str] | None]]:
+    """A NetworkPolicy's ingress rules for a pod of the set as ``(port, sources)``: sources are
+    the set's pod IPs for a ``podSelector`` peer (the policy selects the set's own labels; the
+    test checks that), None when a rule has no ``from``."""
+    allowed: list[tuple[int, list[str] | None]] = []
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from")
+        assert peers is None or all(set(p) == {"podSelector"} for p in peers)
+        for port in rule["ports"]:
+            allowed.append(
+                (named_port(container, port["port"]), None if peers is None else set_ips)
+            )
+    return allowed

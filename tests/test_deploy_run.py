@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -254,6 +255,16 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
         localize(env, host, {p: tmp_path / name / v for p, v in mounts.items()}, hosts.loopback)
         argv = [*container.get("command", image.entrypoint), *container.get("args", image.cmd)]
         pods.append(Container(host, argv, env, port, tmp_path / f"{name}.log"))
+    policy = one(resources, "NetworkPolicy")
+
+    def enforce() -> None:
+        """The NetworkPolicy as each pod's firewall (needs namespaces)."""
+        if not hosts.loopback:
+            for pod in pods:
+                allowed = render.ingress(policy, container, [p.host.ip for p in pods])
+                hosts.firewall(pod.host, allowed)
+
+    enforce()
     for pod in pods:  # podManagementPolicy: Parallel
         start(hosts, pod)
 
@@ -273,6 +284,11 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
     wait_ready(pods)
     serves(pods[0], pods[-1], token)
     cli_status(hosts, pods[0])
+    raft_port = int(pods[0].env["LLMCACHE_RAFT_PORT"])
+    if not hosts.loopback:  # from outside the set, the Raft port is closed, HTTP is open
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((pods[0].host.ip, raft_port), timeout=10).close()
+        socket.create_connection((pods[0].host.ip, pods[0].port), timeout=10).close()
 
     # preStop on a follower changes nothing; on the leader it hands leadership over.
     prestop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -297,6 +313,7 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
     if hosts.loopback:
         lowest.env["LLMCACHE_HOST"] = lowest.host.ip
     publish()
+    enforce()
     start(hosts, lowest)
     wait_ready(pods)
     serves(pods[-1], lowest, token)
