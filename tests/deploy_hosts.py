@@ -3,10 +3,10 @@
 
 Two modes, chosen once per :class:`Hosts`:
 
-- ``netns`` (root with ``ip``): each host is a network namespace with a veth on a bridge the
-  test owns (10.213.K.0/24, the test process at .1); ``ip netns exec`` mounts
-  ``/etc/netns/<ns>/hosts`` over ``/etc/hosts``, and each process gets its own UTS namespace
-  for its hostname.
+- ``netns`` (root, with ``ip`` and ``iptables``): each host is a network namespace with a veth
+  on a bridge the test owns (10.213.K.0/24, the test process at .1); ``ip netns exec`` mounts
+  ``/etc/netns/<ns>/hosts`` over ``/etc/hosts``, each process gets its own UTS namespace for
+  its hostname, and :meth:`Hosts.firewall` can stand in for a NetworkPolicy.
 - ``loopback`` (namespaces unavailable, or ``LLMCACHE_TEST_NETNS=0``): each host is an address
   127.213.K.N on the shared loopback, and ``unshare --mount --uts`` gives each process its own
   ``/etc/hosts`` and hostname. Listening on the wildcard address would collide between hosts
@@ -84,13 +84,17 @@ class Hosts:
         self.readdressed = 0
         self.tag = f"lcd{os.getpid()}"
         self.mode = "netns" if self._netns_available() else "loopback"
+        self.bridge = f"{self.tag}b"
         if self.mode == "netns":
             self.k = _free_octet("10.213")
             self.gateway = f"10.213.{self.k}.1"
-            self.bridge = f"{self.tag}b"
-            _run(IP or "ip", "link", "add", self.bridge, "type", "bridge")
-            _run(IP or "ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-            _run(IP or "ip", "link", "set", self.bridge, "up")
+            try:
+                _run(IP or "ip", "link", "add", self.bridge, "type", "bridge")
+                _run(IP or "ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+                _run(IP or "ip", "link", "set", self.bridge, "up")
+            except BaseException:
+                self.close()
+                raise
         else:
             self.k = _free_octet("127.213")
             self.gateway = "127.0.0.1"
@@ -104,7 +108,7 @@ class Hosts:
     def _netns_available() -> bool:
         if os.environ.get("LLMCACHE_TEST_NETNS") == "0":  # to exercise the fallback
             return False
-        if IP is None or UNSHARE is None or os.geteuid() != 0:
+        if IP is None or UNSHARE is None or IPTABLES is None or os.geteuid() != 0:
             return False
         probe = f"lcdprobe{os.getpid()}"
         try:

@@ -19,6 +19,7 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from llmcache.cluster import raft_core
+from llmcache.node import main
 from llmcache.node.config import ConfigError, NodeConfig, load_config
 from tests import deploy_render as render
 from tests.deploy_render import ROOT, one
@@ -73,7 +74,6 @@ def test_statefulset_is_what_the_issue_asks() -> None:
     assert pod["affinity"]["podAntiAffinity"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert "transfer-leader" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -81,6 +81,11 @@ def test_statefulset_is_what_the_issue_asks() -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     # Service links would add LLMCACHE_PORT=tcp://… and the like to every pod's environment.
     assert pod["enableServiceLinks"] is False
+    prestop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    prestop_s = sum(int(t) for t in re.findall(r"timeout=(\d+)", prestop))
+    assert "transfer-leader" in prestop and prestop_s > 0
+    node_stop_s = main.WORKER_STOP_TIMEOUT_S + main.CORE_STOP_TIMEOUT_S
+    assert pod["terminationGracePeriodSeconds"] >= prestop_s + node_stop_s
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -156,6 +161,8 @@ def test_compose_nodes_form_one_group_of_three() -> None:
         assert service["hostname"] == name
         assert service["healthcheck"]["test"][-1].count("/readyz") == 1
         assert service["restart"] == "unless-stopped"
+        grace = int(service["stop_grace_period"].removesuffix("s"))
+        assert grace >= main.WORKER_STOP_TIMEOUT_S + main.CORE_STOP_TIMEOUT_S
         (volume,) = service["volumes"]
         assert volume.split(":")[0] in render.compose(example_env())["volumes"]
         cfg = load_config(env=render.service_env(service))
