@@ -81,7 +81,7 @@ class Hosts:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.hosts: dict[str, Host] = {}
-        self.readdressed = 0
+        self._last_n = 9  # hosts are .10, .11, ...
         self.tag = f"lcd{os.getpid()}"
         self.mode = "netns" if self._netns_available() else "loopback"
         self.bridge = f"{self.tag}b"
@@ -128,9 +128,13 @@ class Hosts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _next_n(self) -> int:
+        self._last_n += 1
+        return self._last_n
+
     def add(self, name: str) -> Host:
         """A new host called ``name`` whose ``/etc/hosts`` knows only itself and localhost."""
-        n = len(self.hosts) + 10
+        n = self._next_n()
         if self.mode == "netns":
             ns, ip = f"{self.tag}h{n}", f"10.213.{self.k}.{n}"
             outside, inside = f"{self.tag}v{n}", f"{self.tag}p{n}"
@@ -153,8 +157,7 @@ class Hosts:
 
     def readdress(self, host: Host) -> None:
         """Give ``host`` a new address, as a pod gets when it is recreated (records unchanged)."""
-        old, n = host.ip, len(self.hosts) + 10 + self.readdressed
-        self.readdressed += 1
+        old, n = host.ip, self._next_n()
         host.ip = f"{old.rsplit('.', 1)[0]}.{n}"
         if host.ns is not None and host.dev is not None:
             _run(IP or "ip", "-n", host.ns, "addr", "del", f"{old}/24", "dev", host.dev)

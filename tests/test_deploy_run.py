@@ -223,7 +223,7 @@ def test_compose_cluster_forms_serves_and_exports_the_dashboards_metrics(
 # -- kubernetes -----------------------------------------------------------------------------
 
 
-def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
+def test_statefulset_pods_form_a_group_survive_a_new_address_and_scale(
     hosts: Hosts, tmp_path: Path
 ) -> None:
     image = render.image()
@@ -240,8 +240,7 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
     port = render.named_port(container, container["readinessProbe"]["httpGet"]["port"])
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
 
-    pods: list[Container] = []
-    for i in range(sts["spec"]["replicas"]):
+    def make_pod(i: int) -> Container:
         name = f"{sts['metadata']['name']}-{i}"
         env = render.pod_env(
             container,
@@ -254,7 +253,9 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
         hosts.set_records(host, {host.ip: [f"{name}.{domain}", name]})
         localize(env, host, {p: tmp_path / name / v for p, v in mounts.items()}, hosts.loopback)
         argv = [*container.get("command", image.entrypoint), *container.get("args", image.cmd)]
-        pods.append(Container(host, argv, env, port, tmp_path / f"{name}.log"))
+        return Container(host, argv, env, port, tmp_path / f"{name}.log")
+
+    pods = [make_pod(i) for i in range(sts["spec"]["replicas"])]
     policy = one(resources, "NetworkPolicy")
 
     def enforce() -> None:
@@ -318,3 +319,17 @@ def test_statefulset_pods_form_a_group_with_late_dns_and_survive_a_new_address(
     wait_ready(pods)
     serves(pods[-1], lowest, token)
     cli_status(hosts, pods[1])
+
+    # Scaling as the README says: LLMCACHE_REPLICAS=4 in the ConfigMap, a fourth pod, then
+    # `cluster add` of its Raft address.
+    config["data"]["LLMCACHE_REPLICAS"] = "4"
+    pods.append(make_pod(3))
+    publish()
+    enforce()
+    start(hosts, pods[-1])
+    added = f"{pods[-1].host.name}.{domain}:{raft_port}"
+    done = exec_in(hosts, pods[1], ["llmcache-cli", "cluster", "add", added])
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_ready(pods)
+    serves(pods[1], pods[-1], token)
+    cli_status(hosts, pods[-1])
