@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -75,6 +76,9 @@ AUTH_WARNING_INTERVAL_S = 60.0
 SNAPSHOT_JOIN_S = 30.0
 ADVERTISE_RETRY_S = 2.0
 TRANSFER_RETRY_S = 0.1
+SELF_RESOLVE_TIMEOUT_S = 60.0
+"""How long raft-core waits for its own Raft host name to resolve (a pod's DNS record may come
+after the pod starts); pysyncobj resolves its bind address once and fails on a name it cannot."""
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,11 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             onStateChanged=self._on_state_changed,
             bindAddress=options.self_address,
             maxBindRetries=10,
+            # A peer's name may resolve only after its pod started, and resolves to a new address
+            # after the pod restarts: retry failed names after 1 s (default 30 s) and re-resolve
+            # every 5 s (default 600 s, which would keep dialling a restarted pod's old address).
+            dnsFailCacheTime=1.0,
+            dnsCacheTime=5.0,
         )
         peers = [p for p in options.peers if p != options.self_address]
         super().__init__(options.self_address, peers, conf)
@@ -606,6 +615,9 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
         except snapshot.SnapshotInvalid as exc:
             log.error("snapshot %s is invalid (%s); move the raft dir away to resync", dump, exc)
             return 1
+    if not await _resolvable(options.self_address.rpartition(":")[0], SELF_RESOLVE_TIMEOUT_S):
+        log.error("this node's Raft host %s does not resolve", options.self_address)
+        return 1
     try:
         core = RaftCore(options)
     except RaftStateLost as exc:
@@ -652,6 +664,23 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
         log.warning("exiting while a snapshot is still being written")
     log.info("raft-core %s stopped", options.self_address)
     return status
+
+
+async def _resolvable(host: str, timeout: float) -> bool:
+    """True once ``host`` resolves (checked every 0.5 s), False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    waiting = False
+    while True:
+        try:
+            await asyncio.get_running_loop().getaddrinfo(host, None)
+            return True
+        except socket.gaierror:
+            if time.monotonic() >= deadline:
+                return False
+        if not waiting:
+            log.warning("waiting for this node's Raft host %s to resolve", host)
+            waiting = True
+        await asyncio.sleep(0.5)
 
 
 async def _bootstrap_default_tenant(core: RaftCore) -> None:

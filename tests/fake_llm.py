@@ -34,8 +34,8 @@ HOLD_LIMIT_S = 60.0
 class FakeLLM(FakeUpstream):
     """A fake LLM on loopback (see the module docstring); knobs are safe from any thread."""
 
-    def __init__(self, *, api_key: str | None = None) -> None:
-        super().__init__(api_key=api_key)
+    def __init__(self, *, api_key: str | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__(api_key=api_key, host=host)
         self._cuts: list[int] = []  # chunks to send before cutting, for the next streams
         self._gate = threading.Event()
         self._gate.set()

@@ -34,7 +34,10 @@ class FakeUpstream:
     - ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get a 401.
     """
 
-    def __init__(self, *, dim: int = 8, api_key: str | None = None) -> None:
+    def __init__(
+        self, *, dim: int = 8, api_key: str | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.host = host  # where it listens (another address for clients in a network namespace)
         self.dim = dim
         self.api_key = api_key
         self.reverse_order = False
@@ -53,7 +56,7 @@ class FakeUpstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def start(self) -> FakeUpstream:
         self._loop = asyncio.new_event_loop()
@@ -88,7 +91,7 @@ class FakeUpstream:
         # Bind port 0 ourselves: the kernel picks a free port and we can read it back.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((self.host, 0))
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
 
