@@ -233,6 +233,8 @@ def _adaptive(
     lookups2, hits2, wrong2 = run.second_half
     out: dict[str, Any] = asdict(run)
     out["precision"] = run.precision
+    out["wrong_hit_rate"] = run.wrong_hits / max(1, int((~labels).sum()))
+    out["wrong_hits_per_lookup"] = run.wrong_hits / run.lookups
     out["wrong_share_of_hits"] = 1 - run.precision
     out["hit_rate"] = run.hits / run.lookups
     out["second_half_wrong_share"] = wrong2 / hits2 if hits2 else 0.0
@@ -250,7 +252,8 @@ def _adaptive(
     )
     say(
         f"\nadaptive δ={delta}: {run.hits:,} hits of {run.lookups:,} lookups "
-        f"(hit rate {out['hit_rate']:.3f}), wrong share of hits {1 - run.precision:.3f} "
+        f"(hit rate {out['hit_rate']:.3f}), wrong share of hits {1 - run.precision:.3f}, "
+        f"wrong-hit rate {out['wrong_hit_rate']:.3f} "
         f"(second half {out['second_half_wrong_share']:.3f}, hit rate "
         f"{out['second_half_hit_rate']:.3f}); {run.labels:,} labels, {run.probes:,} probes; "
         f"final threshold {run.final_threshold:.2f}"

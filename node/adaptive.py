@@ -9,7 +9,9 @@ From the histogram, :func:`learned_threshold` picks the lowest grid threshold ``
 among labelled lookups whose best candidate scored ``>= t``, a one-sided upper confidence bound
 (Wilson score, ``z`` = 1.645, i.e. 95 %) on the share of wrong ones is at most δ, and at least
 ``min_labels`` labels back it. With too few labels there is no such ``t`` and the namespace's
-configured threshold applies: the cache starts conservative.
+configured threshold applies: the cache starts conservative. When the labels show that even the
+configured threshold breaks the bound and no threshold keeps it, the namespace serves exact hits
+only (:data:`NO_SEMANTIC_HITS`).
 
 Exploration: labels above the current threshold come from served hits. To learn whether a lower
 threshold would do, a miss whose best candidate lies within :data:`EXPLORE_BAND` below the
@@ -93,12 +95,33 @@ def wilson_upper(failures: int, n: int, z: float = Z_95) -> float:
     return min(1.0, (centre + margin) / (1 + z * z / n))
 
 
+def wilson_lower(failures: int, n: int, z: float = Z_95) -> float:
+    """Lower Wilson score bound on a failure rate observed as ``failures`` out of ``n``."""
+    return 1.0 - wilson_upper(n - failures, n, z) if n else 0.0
+
+
+NO_SEMANTIC_HITS = 1.0 + EXPLORE_BAND
+"""The threshold of a namespace whose labels refute every threshold: above any similarity, so
+only exact hits are served, while probes keep labelling the top band in case it recovers."""
+
+
 def learned_threshold(
-    labels: Labels, delta: float, *, min_labels: int = MIN_LABELS, z: float = Z_95
-) -> float | None:
-    """The lowest threshold on the 0.01 grid whose labelled hits have an upper bound on their
-    wrong share of at most ``delta`` (see the module docstring); None when none has. It is
-    always the bucket of some label: never below the lowest similarity labelled so far."""
+    labels: Labels,
+    delta: float,
+    fallback: float,
+    *,
+    min_labels: int = MIN_LABELS,
+    z: float = Z_95,
+) -> float:
+    """The threshold a namespace with bound ``delta`` uses now.
+
+    - The lowest threshold on the 0.01 grid whose labelled hits have an upper bound on their
+      wrong share of at most ``delta`` (see the module docstring); it is always the bucket of
+      some label, never below the lowest similarity labelled so far.
+    - Else, when the labels at or above ``fallback`` (the configured threshold) show with 95 %
+      confidence that its wrong share exceeds ``delta``: :data:`NO_SEMANTIC_HITS`.
+    - Else ``fallback``: too few labels to decide either way.
+    """
     best: float | None = None
     right = wrong = 0
     for b in range(BUCKETS - 1, -1, -1):
@@ -109,4 +132,10 @@ def learned_threshold(
         has_labels = labels.correct[b] + labels.wrong[b] > 0
         if has_labels and n >= min_labels and wilson_upper(wrong, n, z) <= delta:
             best = b / BUCKETS
-    return best
+    if best is not None:
+        return best
+    start = bucket(fallback)
+    right, wrong = sum(labels.correct[start:]), sum(labels.wrong[start:])
+    if right + wrong >= min_labels and wilson_lower(wrong, right + wrong, z) > delta:
+        return NO_SEMANTIC_HITS
+    return fallback

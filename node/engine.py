@@ -235,8 +235,7 @@ class Engine:
         if request_threshold is not None or settings.adaptive_delta <= 0:
             return settings.threshold
         labels = self.labels(tenant, namespace)
-        learned = adaptive.learned_threshold(labels, settings.adaptive_delta)
-        threshold = settings.threshold if learned is None else learned
+        threshold = adaptive.learned_threshold(labels, settings.adaptive_delta, settings.threshold)
         precision = labels.precision_at(threshold)
         if precision is not None:
             metrics.ESTIMATED_PRECISION.labels(tenant, namespace).set(precision)

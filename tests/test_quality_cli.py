@@ -1,4 +1,4 @@
-"""``llmcache-cli eval`` and ``tune`` on small hand-written labelled pairs (real default embedder)."""
+"""``llmcache-cli eval`` and ``tune`` on small hand-written labelled pairs (real embedder)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_tune_recommends_a_threshold_per_namespace(data: Path) -> None:
 
 def test_tune_exits_1_when_a_namespace_cannot_reach_the_target(tmp_path: Path) -> None:
     rows = [{"text_a": "How do I reset it?", "text_b": "How do I reset it now?", "label": 0}]
-    code, out, err = run("tune", "--data", str(write(tmp_path / "p.jsonl", rows)))
+    code, out, _ = run("tune", "--data", str(write(tmp_path / "p.jsonl", rows)))
     assert code == 1
     assert "no threshold reaches" in out
 
