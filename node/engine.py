@@ -215,7 +215,7 @@ class Engine:
         probe = None
         if settings.adaptive_delta > 0 and candidates and not rejected:
             best = candidates[0]
-            if threshold - adaptive.EXPLORE_BAND <= best.similarity < threshold:
+            if min(threshold, 1.0) - adaptive.EXPLORE_BAND <= best.similarity < threshold:
                 probe = best
                 metrics.PROBES.labels(key.tenant).inc()
         return LookupResult(

@@ -308,6 +308,8 @@ SCHEMAS: dict[str, Schema] = {
                     ),
                     "embedder": nullable({"type": "string"}),
                     "enabled": nullable({"type": "boolean"}),
+                    "guards": nullable({"type": "string"}),
+                    "adaptive_delta": nullable({"type": "number", "minimum": 0, "maximum": 0.5}),
                 },
                 description="Merged into the tenant's (or namespace's) settings; null removes one.",
             ),

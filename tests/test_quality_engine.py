@@ -97,6 +97,13 @@ def test_adaptive_threshold_learns_from_replicated_feedback(cache: LocalCache) -
     assert after.status == "miss" and after.threshold > 0.92
     labels = engine.labels("t1", "ns")
     assert labels.total == 90 and sum(labels.wrong) == 30
+    # Labels that refute even the configured 0.95: exact hits only, the top band still probed.
+    for _ in range(60):
+        feedback(cache, entry_id, 0.97, "wrong")
+    refuted = engine.lookup(key, vector=at_similarity(v, 0.97))
+    assert refuted.status == "miss" and refuted.threshold == adaptive.NO_SEMANTIC_HITS
+    assert refuted.probe is not None
+    assert engine.lookup(keys.text_key("t1", "ns", "How do I reset my password?")).status == "hit"
 
 
 def test_feedback_learning_is_deterministic_and_survives_entry_deletion(tmp_path: Path) -> None:
