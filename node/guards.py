@@ -135,14 +135,16 @@ def number_mismatch(query: str, cached: str) -> bool:
     return bool(a) and bool(b) and a != b
 
 
+def _negated(words: list[str]) -> bool:
+    return any(w in _NEGATIONS or w.endswith("n't") for w in words)
+
+
 def negation_mismatch(query: str, cached: str) -> bool:
     """One text is negated and the other not, or one uses a word whose antonym the other uses
-    instead ("enable" / "disable")."""
+    instead ("enable" / "disable"). Presence, not parity: "No, it doesn't exist" and "It does
+    not exist" are both negated."""
     wa, wb = _words(query), _words(cached)
-    if (
-        sum(w in _NEGATIONS or w.endswith("n't") for w in wa) % 2
-        != sum(w in _NEGATIONS or w.endswith("n't") for w in wb) % 2
-    ):
+    if _negated(wa) != _negated(wb):
         return True
     sa, sb = set(wa), set(wb)
     return any(w not in sb and (_ANTONYM_OF[w] & sb) - sa for w in sa if w in _ANTONYM_OF)

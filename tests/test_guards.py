@@ -44,6 +44,7 @@ def test_guard_vetoes_its_look_alike(query: str, cached: str, guard: str) -> Non
         ("How can I learn Python quickly?", "What is the fastest way to learn Python?"),
         ("How do I lose 5 kg?", "How do I lose five kg?"),
         ("Is 1,000 a big number?", "Is 1000 a big number?"),
+        ("No, LOAD_HU doesn't exist in v2.10.0.", "LOAD_HU is not a feature of v2.10.0."),
     ],
 )
 def test_paraphrases_pass_every_guard(query: str, cached: str) -> None:

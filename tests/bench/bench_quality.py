@@ -1,7 +1,8 @@
 """Answer quality of the real engine on the labelled QQP dev pairs (semantic-cache hit decisions).
 
     python tests/bench/bench_quality.py [--data FILE] [--vectors CACHE.npz] [--limit N]
-                                        [--json out.json] [--plot pr.png] [--no-adaptive]
+                                        [--json out.json] [--plot pr.png]
+                                        [--adaptive-delta 0.05 | --no-adaptive]
 
 ``llmcache-cli eval`` (``client/quality_cli.py``) on ``shared/eval-data/qqp_dev.jsonl.gz`` with
 every measurement on: each ``text_a`` stored in a scope of its own, its ``text_b`` looked up
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, default=Path("/tmp/llmcache-qqp-pr.png"))
+    parser.add_argument("--adaptive-delta", default="0.05", help="δ of the adaptive stream")
     parser.add_argument("--no-adaptive", action="store_true")
     args = parser.parse_args()
     if not args.data.exists():
@@ -45,7 +47,7 @@ def main() -> None:
     if args.limit:
         argv += ["--limit", str(args.limit)]
     if not args.no_adaptive:
-        argv += ["--adaptive-delta", "0.05"]
+        argv += ["--adaptive-delta", args.adaptive_delta]
     if args.json:
         argv += ["--json"]
         with args.json.open("w") as out:
