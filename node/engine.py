@@ -113,6 +113,9 @@ class Engine:
         # (tenant, namespace) -> (config_index, settings): settings change only through
         # TenantUpsert/TenantDelete/ConfigSet, which move the store's config_index.
         self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
+        # (tenant, namespace, δ, configured threshold) -> (histogram bytes, threshold, precision):
+        # the learned threshold is recomputed only when the replicated histogram changed.
+        self._learned: dict[tuple[str, str, float, float], tuple[bytes, float, float | None]] = {}
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -234,12 +237,21 @@ class Engine:
         learned one of an adaptive namespace once its labels back one, else the setting."""
         if request_threshold is not None or settings.adaptive_delta <= 0:
             return settings.threshold
-        labels = self.labels(tenant, namespace)
-        threshold = adaptive.learned_threshold(labels, settings.adaptive_delta, settings.threshold)
-        precision = labels.precision_at(threshold)
-        if precision is not None:
-            metrics.ESTIMATED_PRECISION.labels(tenant, namespace).set(precision)
-        return threshold
+        with self.store.read() as txn:
+            raw = bytes(txn.get(join(tenant, namespace), db=self.store.dbs["quality"]) or b"")
+        key = (tenant, namespace, settings.adaptive_delta, settings.threshold)
+        cached = self._learned.get(key)
+        if cached is None or cached[0] != raw:
+            labels = adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
+            threshold = adaptive.learned_threshold(
+                labels, settings.adaptive_delta, settings.threshold
+            )
+            if len(self._learned) > SETTINGS_CACHE_SIZE:
+                self._learned.clear()
+            cached = self._learned[key] = (raw, threshold, labels.precision_at(threshold))
+        if cached[2] is not None:
+            metrics.ESTIMATED_PRECISION.labels(tenant, namespace).set(cached[2])
+        return cached[1]
 
     def labels(self, tenant: str, namespace: str) -> adaptive.Labels:
         """The replicated feedback histogram of (tenant, namespace) (empty without labels)."""
