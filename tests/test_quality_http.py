@@ -40,10 +40,14 @@ def lookup(node: Served, text: str, vector: list[float]) -> dict[str, object]:
 
 
 def test_guard_vetoes_a_look_alike_and_counts_it(node: Served) -> None:
-    store_text(node, "How do I enable 2FA?", [float(x) for x in unit_vector("2fa")], namespace="q")
+    entry = store_text(
+        node, "How do I enable 2FA?", [float(x) for x in unit_vector("2fa")], namespace="q"
+    )
     before = metric(node, "llmcache_guard_rejections_total", tenant="default", guard="negation")
     body = lookup(node, "How do I disable 2FA?", at_similarity("2fa", 0.98))
     assert body["status"] == "MISS" and body["similarity"] == pytest.approx(0.98, abs=1e-4)
+    assert body["rejected"] == [{"id": entry["id"], "guard": "negation"}]
+    assert body["probe"] is None
     after = metric(node, "llmcache_guard_rejections_total", tenant="default", guard="negation")
     assert after == before + 1
 
@@ -59,6 +63,7 @@ def test_feedback_teaches_an_adaptive_namespace_its_threshold(node: Served) -> N
     query = at_similarity("pw", 0.93)
     first = lookup(node, "password reset", query)
     assert first["status"] == "MISS" and first["threshold"] == 0.97
+    assert first["probe"] == {"id": entry["id"], "similarity": pytest.approx(0.93, abs=1e-4)}
     for i in range(40):  # judged correct between 0.92 and 0.96
         reply = node.call(
             "POST",
