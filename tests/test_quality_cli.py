@@ -107,3 +107,18 @@ def test_bad_rows_are_named_with_their_line(tmp_path: Path, line: str, message: 
 def test_unknown_guard_is_a_usage_error(data: Path) -> None:
     code, _, err = run("eval", "--data", str(data), "--guards", "numbers,vibes")
     assert code == 2 and "unknown guard" in err
+
+
+def test_eval_streams_pairs_through_an_adaptive_namespace(data: Path, tmp_path: Path) -> None:
+    plot = str(tmp_path / "pr.png")
+    code, out, err = run(
+        "eval", "--data", str(data), "--json", "--adaptive-delta", "0.3", "--plot", plot
+    )
+    assert code == 0, err
+    run_ = json.loads(out)["adaptive"]
+    assert run_["lookups"] == len(PAIRS)
+    # Every hit and every probe was labelled through a replicated Feedback command.
+    assert run_["labels"] == run_["hits"] + run_["probes"]
+    assert 0 <= run_["wrong_hits"] <= run_["hits"] <= len(PAIRS)
+    # Twelve labels are too few to learn anything: the configured 0.95 still holds.
+    assert run_["final_threshold"] == 0.95
