@@ -536,3 +536,8 @@ def dev_cluster(
         if state_path.exists() and json.loads(state_path.read_text()).get("pid") == os.getpid():
             state_path.unlink()
     click.echo("stopped")
+
+
+from llmcache.client.quality_cli import register  # noqa: E402 (after main is defined)
+
+register(main)

@@ -150,8 +150,10 @@ class Noop(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class Feedback(Command):
-    """A label on a served hit: was entry ``entry_id`` a ``correct`` or ``wrong`` answer for
-    ``query``? Kept (replicated) as input of the answer-quality work."""
+    """A label on a served hit (or a probe): was entry ``entry_id`` a ``correct`` or ``wrong``
+    answer for ``query``? Kept in the ``feedback`` db; with a ``similarity`` (0..1, -1 when
+    unknown) it also counts in the ``quality`` histogram of ``namespace`` (the entry's, filled
+    in by the proposer), from which adaptive thresholds are learned (``node/adaptive.py``)."""
 
     TYPE: ClassVar[int] = 10
     tenant: str
@@ -159,6 +161,7 @@ class Feedback(Command):
     label: str
     similarity: float = -1.0
     query: str = ""
+    namespace: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +278,10 @@ def validate(command: Command) -> None:
         raise MalformedCommand("Invalidate: at least one filter is required")
     if isinstance(command, Feedback) and command.label not in ("correct", "wrong"):
         raise MalformedCommand(f"Feedback: label must be correct or wrong, not {command.label!r}")
+    if isinstance(command, Feedback) and not (
+        command.similarity == -1.0 or 0.0 <= command.similarity <= 1.0
+    ):
+        raise MalformedCommand("Feedback: similarity must be -1 (unknown) or within 0..1")
     if isinstance(command, Touch) and (
         not len(command.ids) == len(command.hits) == len(command.last_hit_ms)
         or len(command.ids) > MAX_TOUCH_IDS

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmcache.cluster import commands as c
+from llmcache.node import adaptive
 from llmcache.node.errors import MalformedCommand
 from llmcache.node.store import (
     FEED_RETENTION,
@@ -170,7 +171,7 @@ class StateMachine:
             record = {f: getattr(cmd, f) for f in ("tenant", "entry_id", "label", "similarity")}
             record.update(query=cmd.query, ts_ms=cmd.ts_ms)
             txn.put(u64(self.store.applied_index(txn)), pack(record), db=self.dbs["feedback"])
-            return {}
+            return self._learn(txn, cmd)
         if isinstance(cmd, c.Touch):
             return {"touched": self._touch(txn, cmd)}
         if isinstance(cmd, c.Advertise):
@@ -351,12 +352,28 @@ class StateMachine:
                 matching.append(entry_id)
         return matching
 
+    def _learn(self, txn: Any, cmd: c.Feedback) -> dict[str, Any]:
+        """Count a label with a similarity in its namespace's histogram (adaptive thresholds).
+        The namespace is the command's, else the entry's when it still exists."""
+        namespace = cmd.namespace
+        if not namespace:
+            entry = self.store.entry(txn, cmd.entry_id)
+            namespace = entry.namespace if entry is not None and entry.tenant == cmd.tenant else ""
+        if cmd.similarity < 0 or not namespace:
+            return {"learned": False}
+        key = join(cmd.tenant, namespace)
+        raw = txn.get(key, db=self.dbs["quality"])
+        labels = adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
+        labels = labels.add(cmd.similarity, cmd.label)
+        txn.put(key, pack(labels.record()), db=self.dbs["quality"])
+        return {"learned": True}
+
     def _tenant_delete(self, txn: Any, tenant: str, feed: list[list[Any]]) -> dict[str, Any]:
         self._require_tenant(txn, tenant)
         prefix = join(tenant, b"")
         ids = sorted(from_u64(k[-8:]) for k in self.store.prefix(txn, "members", prefix))
         deleted = self._delete_many(txn, ids, feed, None)
-        for db in ("nsmeta", "config"):
+        for db in ("nsmeta", "config", "quality"):
             for key in list(self.store.prefix(txn, db, prefix)):
                 txn.delete(key, db=self.dbs[db])
         txn.delete(config_key(tenant), db=self.dbs["config"])

@@ -435,6 +435,8 @@ async def lookup(request: web.Request) -> web.Response:
         "threshold": result.threshold,
         "tokens": result.tokens,
         "truncated": result.truncated,
+        "rejected": [{"id": i, "guard": guard} for i, guard in result.rejected],
+        "probe": {"id": p.entry.id, "similarity": p.similarity} if (p := result.probe) else None,
     }
     headers = {**read, "X-LLMCache-Status": status}
     if hit:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from llmcache.cluster import commands as c
-from llmcache.node import limits, policy
+from llmcache.node import adaptive, guards, limits, metrics, policy
 from llmcache.node.embed import Embedder, validate_vector
 from llmcache.node.errors import (
     DimensionMismatch,
@@ -34,7 +34,7 @@ from llmcache.node.errors import (
 )
 from llmcache.node.index_feed import IndexFeed
 from llmcache.node.keys import CacheKey, check_names, kv_key
-from llmcache.node.store import Entry, Store
+from llmcache.node.store import Entry, Store, join, unpack
 
 SUPPLIED = "supplied"
 """Embedder name of namespaces whose callers always send their own vectors."""
@@ -61,6 +61,12 @@ class LookupResult:
     tokens: int = 0
     truncated: bool = False
     """True when the text exceeded the embedder's window and only head and tail were embedded."""
+    rejected: tuple[tuple[int, str], ...] = ()
+    """Candidates at or above the threshold vetoed by a guard: (entry id, guard name)."""
+    probe: Hit | None = None
+    """On a miss of an adaptive namespace: the best candidate when it lies just below the
+    learned threshold. Label it (compare the fresh answer with its response) and send the label
+    with its similarity to feedback: that is how the threshold learns to go lower."""
 
 
 class AccessStats:
@@ -107,6 +113,9 @@ class Engine:
         # (tenant, namespace) -> (config_index, settings): settings change only through
         # TenantUpsert/TenantDelete/ConfigSet, which move the store's config_index.
         self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
+        # (tenant, namespace, δ, configured threshold) -> (histogram bytes, threshold, precision):
+        # the learned threshold is recomputed only when the replicated histogram changed.
+        self._learned: dict[tuple[str, str, float, float], tuple[bytes, float, float | None]] = {}
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -186,13 +195,69 @@ class Engine:
             return LookupResult("miss", None, settings.threshold)
         query, tokens, truncated = supplied or self._query_vector(settings, nsmeta, key, None)
         candidates = self._search(key.scope_key, query, settings.top_k, now)
-        best = candidates[0] if candidates else None
-        if best is not None and best.similarity >= settings.threshold:
-            self.access.record(best.entry.id, now)
-            return LookupResult(
-                "semantic_hit", best, settings.threshold, candidates, tokens, truncated
+        threshold = self.threshold(key.tenant, key.namespace, settings, request_threshold=threshold)
+        rejected: list[tuple[int, str]] = []
+        names = guards.parse(settings.guards)
+        for candidate in candidates:  # best first
+            if candidate.similarity < threshold:
+                break
+            veto = guards.verify(key.text, candidate.entry.text, names)
+            if veto is None:
+                self.access.record(candidate.entry.id, now)
+                return LookupResult(
+                    "semantic_hit",
+                    candidate,
+                    threshold,
+                    candidates,
+                    tokens,
+                    truncated,
+                    tuple(rejected),
+                )
+            rejected.append((candidate.entry.id, veto))
+            metrics.GUARD_REJECTIONS.labels(key.tenant, veto).inc()
+        probe = None
+        if settings.adaptive_delta > 0 and candidates and not rejected:
+            best = candidates[0]
+            if min(threshold, 1.0) - adaptive.EXPLORE_BAND <= best.similarity < threshold:
+                probe = best
+                metrics.PROBES.labels(key.tenant).inc()
+        return LookupResult(
+            "miss", None, threshold, candidates, tokens, truncated, tuple(rejected), probe
+        )
+
+    def threshold(
+        self,
+        tenant: str,
+        namespace: str,
+        settings: policy.Settings,
+        *,
+        request_threshold: float | None = None,
+    ) -> float:
+        """The similarity a semantic hit needs: the caller's own threshold when given, else the
+        learned one of an adaptive namespace once its labels back one, else the setting."""
+        if request_threshold is not None or settings.adaptive_delta <= 0:
+            return settings.threshold
+        with self.store.read() as txn:
+            raw = bytes(txn.get(join(tenant, namespace), db=self.store.dbs["quality"]) or b"")
+        key = (tenant, namespace, settings.adaptive_delta, settings.threshold)
+        cached = self._learned.get(key)
+        if cached is None or cached[0] != raw:
+            labels = adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
+            threshold = adaptive.learned_threshold(
+                labels, settings.adaptive_delta, settings.threshold
             )
-        return LookupResult("miss", None, settings.threshold, candidates, tokens, truncated)
+            if len(self._learned) > SETTINGS_CACHE_SIZE:
+                self._learned.clear()
+            cached = self._learned[key] = (raw, threshold, labels.precision_at(threshold))
+        if cached[2] is not None:
+            metrics.ESTIMATED_PRECISION.labels(tenant, namespace).set(cached[2])
+        return cached[1]
+
+    def labels(self, tenant: str, namespace: str) -> adaptive.Labels:
+        """The replicated feedback histogram of (tenant, namespace) (empty without labels)."""
+        with self.store.read() as txn:
+            raw = txn.get(join(tenant, namespace), db=self.store.dbs["quality"])
+        return adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
 
     def _query_vector(
         self,
@@ -440,7 +505,9 @@ class Engine:
         query: str = "",
         request_id: str = "",
     ) -> c.Feedback:
-        """A label (``correct`` / ``wrong``) on a hit that was served from entry ``entry_id``."""
+        """A label (``correct`` / ``wrong``) on a hit that was served from entry ``entry_id``
+        (or on a probe). The entry's namespace, when it still exists, travels in the command so
+        the label counts in that namespace's histogram even if the entry is gone at apply."""
         self.settings(tenant, "default")
         if label not in ("correct", "wrong"):
             raise InvalidRequest("label must be 'correct' or 'wrong'", field="label")
@@ -449,8 +516,11 @@ class Engine:
             raise InvalidRequest("similarity must be between 0 and 1", field="similarity")
         if len(query) > limits.MAX_PROMPT_CHARS:
             raise OversizeInput("query too long", field="query")
+        with self.store.read() as txn:
+            entry = self.store.entry(txn, entry_id)
         return c.Feedback(
             tenant=tenant,
+            namespace=entry.namespace if entry is not None and entry.tenant == tenant else "",
             entry_id=entry_id,
             label=label,
             similarity=-1.0 if similarity is None else float(similarity),

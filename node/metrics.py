@@ -107,6 +107,23 @@ APPLY_LAG = Gauge(
     "llmcache_apply_lag", "Commit index minus applied index.", multiprocess_mode="liveall"
 )
 FEEDBACK = Counter("llmcache_feedback_total", "Feedback labels received.", ["tenant", "label"])
+GUARD_REJECTIONS = Counter(
+    "llmcache_guard_rejections_total",
+    "Semantic hits vetoed by a verification guard (node/guards.py).",
+    ["tenant", "guard"],
+)
+ESTIMATED_PRECISION = Gauge(
+    "llmcache_estimated_precision",
+    "Share of correct feedback labels at or above the namespace's current threshold "
+    "(adaptive namespaces; as of the last lookup).",
+    ["tenant", "namespace"],
+    multiprocess_mode="mostrecent",
+)
+PROBES = Counter(
+    "llmcache_probes_total",
+    "Misses flagged as probes just below a learned threshold (adaptive exploration).",
+    ["tenant"],
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -170,6 +170,19 @@ SCHEMAS: dict[str, Schema] = {
             "threshold": {"type": "number"},
             "tokens": {"type": "integer", "minimum": 0},
             "truncated": {"type": "boolean"},
+            "rejected": {
+                "type": "array",
+                "items": obj({"id": ENTRY_ID, "guard": {"type": "string"}}, ("id", "guard")),
+                "description": "Candidates at or above the threshold vetoed by a guard.",
+            },
+            "probe": nullable(
+                {
+                    **ref("Candidate"),
+                    "description": "Adaptive namespaces: a miss just below the learned threshold. "
+                    "Compare the fresh answer with this entry's and send the label with this "
+                    "similarity to /v1/cache/feedback.",
+                }
+            ),
         },
         ("status", "similarity", "entry", "candidates", "threshold", "tokens", "truncated"),
     ),
@@ -308,6 +321,8 @@ SCHEMAS: dict[str, Schema] = {
                     ),
                     "embedder": nullable({"type": "string"}),
                     "enabled": nullable({"type": "boolean"}),
+                    "guards": nullable({"type": "string"}),
+                    "adaptive_delta": nullable({"type": "number", "minimum": 0, "maximum": 0.5}),
                 },
                 description="Merged into the tenant's (or namespace's) settings; null removes one.",
             ),

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmcache.node import limits
+from llmcache.node import guards, limits
 from llmcache.node.errors import InvalidRequest
 
 DEFAULT_THRESHOLD = 0.88
@@ -48,6 +48,13 @@ class Settings:
     """Name of the embedder of the namespace; ``supplied`` when callers send vectors."""
     enabled: bool = True
     """False turns the cache off: every lookup misses and nothing is stored."""
+    guards: str = guards.DEFAULT_GUARDS
+    """Comma-separated verification guards run on a semantic hit (``node/guards.py``);
+    ``none`` runs none, ``all`` every one."""
+    adaptive_delta: float = 0.0
+    """0: the fixed ``threshold``. Above 0: the threshold is learned from feedback so that the
+    share of wrong hits stays under this bound (``node/adaptive.py``); ``threshold`` applies
+    until enough labels back a lower or higher one."""
 
     def merged(self, values: dict[str, Any]) -> Settings:
         return dataclasses.replace(self, **validate(values)) if values else self
@@ -88,6 +95,12 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     _check_range(out, "max_temperature", 0.0, 2.0)
     _check_range(out, "context_window", 0, limits.MAX_MESSAGES)
     _check_range(out, "top_k", 1, limits.MAX_TOP_K)
+    _check_range(out, "adaptive_delta", 0.0, 0.5)
+    if out.get("guards") is not None:
+        try:
+            guards.parse(out["guards"])
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="guards") from None
     return out
 
 

@@ -25,6 +25,8 @@ db           key                                              value
 ``feedback`` applied index (u64)                              msgpack feedback label on a hit
 ``access``   id                                               msgpack [hits, last_hit_ms]
                                                               (replicated by ``Touch``)
+``quality``  tenant NUL namespace                             msgpack {correct: [...], wrong:
+                                                              [...]} labels by similarity bucket
 ============ ================================================ ===================================
 
 Only the state machine (``llmcache.cluster.fsm``) writes it, from one thread of one process
@@ -83,6 +85,7 @@ DB_NAMES = (
     "reqorder",
     "feedback",
     "access",
+    "quality",
 )
 REOPEN_CHECK_S = 1.0
 """How often a read-only store checks whether its directory was replaced by a snapshot."""

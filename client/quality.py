@@ -1,0 +1,369 @@
+"""Answer quality: replay labelled pairs through the real engine and measure its hit decisions.
+
+Used by ``llmcache-cli eval`` / ``tune`` and ``tests/bench/bench_quality.py``. A labelled pair is
+``{"text_a", "text_b", "label"}`` (label 1 or true: the two texts want the same answer, so a hit
+is correct; 0 or false: a hit would be wrong) with an optional ``"namespace"``. Files are JSON
+lines, gzip'd when they end in ``.gz``.
+
+:func:`replay` stores every ``text_a`` in a scope of its own (the pair's number is a scope
+parameter, so pairs never see each other) in a throw-away :class:`LocalCache` — real LMDB store,
+state machine and indexes — then looks up its ``text_b`` there with threshold 0, which reports
+the similarity the engine compares with a threshold and whether a verification guard vetoed the
+candidate. Texts are embedded up front in batches by the embedder itself and handed to the engine
+as vectors: the same vectors the engine would make, just batched. A hit at threshold ``t`` is
+then ``similarity >= t`` and no veto, exactly the engine's decision at ``t``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmcache.node import keys
+from llmcache.node.embed import Embedder
+from llmcache.node.errors import CacheError
+from llmcache.node.local import LocalCache
+
+TENANT = "eval"
+EMBED_BATCH = 256  # limits.MAX_BATCH: the most one embed() call takes
+PUT_BATCH = 256  # puts per state-machine transaction
+
+Floats = npt.NDArray[np.float64]
+Bools = npt.NDArray[np.bool_]
+
+
+class DataError(ValueError):
+    """A labelled-pairs file that cannot be read: names the file and line."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    text_a: str
+    text_b: str
+    label: bool
+    namespace: str = "default"
+
+
+def load_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], int]:
+    """The labelled pairs of ``path`` and how many were skipped for a blank text (the engine
+    refuses an empty prompt, so such a request is never cached). Raises :class:`DataError`."""
+    pairs: list[Pair] = []
+    skipped = 0
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if limit is not None and len(pairs) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                pair = _pair(path, number, line)
+                if pair is None:
+                    skipped += 1
+                else:
+                    pairs.append(pair)
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if not pairs:
+        raise DataError(f"{path}: no labelled pairs")
+    return pairs, skipped
+
+
+def _pair(path: Path, number: int, line: str) -> Pair | None:
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with text_a, text_b and label")
+    a, b, label = row.get("text_a"), row.get("text_b"), row.get("label")
+    namespace = row.get("namespace", "default")
+    if not isinstance(a, str) or not isinstance(b, str):
+        raise DataError(f"{where}: text_a and text_b must be strings")
+    if label not in (0, 1) or isinstance(label, float):
+        raise DataError(f"{where}: label must be 0/1 or false/true, not {label!r}")
+    if not isinstance(namespace, str):
+        raise DataError(f"{where}: namespace must be a string")
+    try:
+        keys.check_names(TENANT, namespace)
+    except CacheError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    if not a.strip() or not b.strip():
+        return None
+    return Pair(a, b, bool(label), namespace)
+
+
+# -- embedding --------------------------------------------------------------------------------
+
+
+def load_vectors(path: Path, identity: str) -> dict[str, np.ndarray]:
+    """A vector cache written by :func:`save_vectors` (refused if another embedder made it)."""
+    with np.load(path, allow_pickle=True) as data:
+        if str(data["identity"]) != identity:
+            raise DataError(f"{path} holds vectors of {data['identity']}, not {identity}")
+        return dict(zip((str(t) for t in data["texts"]), data["vectors"], strict=True))
+
+
+def save_vectors(path: Path, vectors: dict[str, np.ndarray], identity: str) -> None:
+    texts = list(vectors)
+    np.savez(
+        path,
+        texts=np.array(texts, dtype=object),
+        vectors=np.stack([vectors[t] for t in texts]).astype(np.float32),
+        identity=np.array(identity),
+    )
+
+
+def embed_all(
+    embedder: Embedder,
+    texts: Iterable[str],
+    known: dict[str, np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every distinct text's vector: from ``known``, else embedded in batches."""
+    vectors = dict(known or {})
+    todo = sorted({t for t in texts if t not in vectors}, key=len)  # similar lengths: less padding
+    for lo in range(0, len(todo), EMBED_BATCH):
+        batch = todo[lo : lo + EMBED_BATCH]
+        for text, vector in zip(batch, embedder.embed(batch).vectors, strict=True):
+            vectors[text] = vector
+        if progress is not None:
+            progress(min(lo + EMBED_BATCH, len(todo)), len(todo))
+    return vectors
+
+
+# -- replay through the engine ----------------------------------------------------------------
+
+
+@dataclass
+class Replay:
+    """Per pair: the best candidate's similarity and the guard that vetoed it (or None)."""
+
+    scores: Floats
+    vetoes: list[str | None]
+    store_s: float
+    lookup_s: float
+
+
+def _open_cache(tmp: str, embedder: Embedder, settings: dict[str, Any]) -> LocalCache:
+    cache = LocalCache(Path(tmp), embedders={"default": embedder}, durable=False)
+    cache.propose(cache.engine.prepare_tenant(TENANT))
+    if settings:
+        cache.propose(cache.engine.prepare_config(settings, TENANT))
+    return cache
+
+
+def _store(cache: LocalCache, pairs: list[Pair], vectors: dict[str, np.ndarray]) -> list[int]:
+    engine, ids = cache.engine, []
+    for lo in range(0, len(pairs), PUT_BATCH):
+        puts = [
+            engine.prepare_put(
+                keys.text_key(TENANT, p.namespace, p.text_a, {"pair": i}),
+                b'{"pair": %d}' % i,
+                vector=vectors[p.text_a],
+            )
+            for i, p in enumerate(pairs[lo : lo + PUT_BATCH], start=lo)
+        ]
+        for result in cache.propose_many(puts):
+            if not result.ok:
+                raise RuntimeError(f"put failed: {result}")
+            ids.append(int(result.value["id"]))
+    return ids
+
+
+def replay(
+    pairs: list[Pair], vectors: dict[str, np.ndarray], embedder: Embedder, guards: str
+) -> Replay:
+    """Store each text_a in its own scope, look up its text_b there with ``guards`` on."""
+    with tempfile.TemporaryDirectory(prefix="llmcache-quality-") as tmp:
+        cache = _open_cache(tmp, embedder, {"guards": guards})
+        try:
+            t0 = time.perf_counter()
+            ids = _store(cache, pairs, vectors)
+            store_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = np.empty(len(pairs), np.float64)
+            vetoes: list[str | None] = []
+            for i, p in enumerate(pairs):
+                key = keys.text_key(TENANT, p.namespace, p.text_b, {"pair": i})
+                found = cache.engine.lookup(key, vector=vectors[p.text_b], threshold=0.0, top_k=1)
+                best = found.hit or (found.candidates[0] if found.candidates else None)
+                if best is None or best.entry.id != ids[i]:
+                    raise RuntimeError(f"pair {i}: the engine did not return the pair's entry")
+                scores[i] = best.similarity
+                vetoes.append(found.rejected[0][1] if found.rejected else None)
+            return Replay(scores, vetoes, store_s, time.perf_counter() - t0)
+        finally:
+            cache.close(checkpoint=False)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """Decisions at one threshold."""
+
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    hit_rate: float
+    """Share of all lookups that hit."""
+    wrong_hit_rate: float
+    """Share of the lookups that should miss (label 0) that hit."""
+    hits: int
+    wrong_hits: int
+
+
+def effective(scores: Floats, vetoed: Bools) -> Floats:
+    """Scores with vetoed pairs below any threshold: hit at t <=> effective >= t."""
+    return np.where(vetoed, -1.0, scores)
+
+
+def at_threshold(scores: Floats, labels: Bools, t: float) -> Row:
+    hit = scores >= t
+    tp = int(np.count_nonzero(hit & labels))
+    fp = int(np.count_nonzero(hit & ~labels))
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / positives if positives else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return Row(
+        threshold=t,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        hit_rate=(tp + fp) / len(scores),
+        wrong_hit_rate=fp / negatives if negatives else 0.0,
+        hits=tp + fp,
+        wrong_hits=fp,
+    )
+
+
+def curve(scores: Floats, labels: Bools) -> tuple[Floats, Floats, Floats]:
+    """(thresholds descending, precision, recall) at every distinct score >= 0."""
+    keep = scores >= 0
+    s_all, y_all = scores[keep], labels[keep]
+    order = np.argsort(-s_all, kind="mergesort")
+    s, y = s_all[order], y_all[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # end of each tie group
+    precision = tp[last] / (tp[last] + fp[last])
+    recall = tp[last] / max(1, int(labels.sum()))
+    return s[last], precision.astype(np.float64), recall.astype(np.float64)
+
+
+def precision_at_recall(scores: Floats, labels: Bools, recall: float) -> tuple[float, float]:
+    """(precision, threshold) at the highest threshold reaching ``recall`` ((nan, nan) if none)."""
+    thresholds, precision, rec = curve(scores, labels)
+    reached = np.flatnonzero(rec >= recall)
+    if not len(reached):
+        return math.nan, math.nan
+    i = int(reached[0])
+    return float(precision[i]), float(thresholds[i])
+
+
+def lowest_threshold(
+    scores: Floats, labels: Bools, target_precision: float
+) -> tuple[float, float, float] | None:
+    """(threshold, precision, recall) of the lowest threshold whose hits have at least
+    ``target_precision``; None when no threshold reaches it."""
+    thresholds, precision, recall = curve(scores, labels)
+    ok = np.flatnonzero(precision >= target_precision)
+    if not len(ok):
+        return None
+    i = int(ok[-1])  # thresholds descend: the last one is the lowest
+    return float(thresholds[i]), float(precision[i]), float(recall[i])
+
+
+def roc_auc(scores: Floats, labels: Bools) -> float:
+    """Mann-Whitney U / (P * N), ties counted half (average ranks)."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    ranks = (starts + (counts + 1) / 2.0)[inverse]
+    p, n = int(labels.sum()), int((~labels).sum())
+    return float((ranks[labels].sum() - p * (p + 1) / 2.0) / (p * n)) if p and n else math.nan
+
+
+# -- adaptive thresholds, simulated on a labelled stream --------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaptiveRun:
+    lookups: int
+    hits: int
+    wrong_hits: int
+    probes: int
+    labels: int
+    final_threshold: float
+    second_half: tuple[int, int, int]
+    """(lookups, hits, wrong hits) of the second half of the stream, once labels have come in."""
+
+    @property
+    def precision(self) -> float:
+        return 1 - self.wrong_hits / self.hits if self.hits else 1.0
+
+
+def adaptive_stream(
+    pairs: list[Pair],
+    vectors: dict[str, np.ndarray],
+    embedder: Embedder,
+    *,
+    delta: float,
+    start_threshold: float,
+    guards: str,
+    seed: int = 0,
+) -> AdaptiveRun:
+    """Replay ``pairs`` in a seeded random order as a live stream through one adaptive
+    namespace: each lookup is decided with the threshold learned so far; every hit and every
+    probe gets its pair's label as ``Feedback`` (a judge that is always right), applied by the
+    state machine like any replicated command."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    with tempfile.TemporaryDirectory(prefix="llmcache-adaptive-") as tmp:
+        settings = {"guards": guards, "adaptive_delta": delta, "threshold": start_threshold}
+        cache = _open_cache(tmp, embedder, settings)
+        try:
+            ids = _store(cache, pairs, vectors)
+            engine = cache.engine
+            hits = wrong = probes = labelled = 0
+            half = [0, 0, 0]
+            for step, i in enumerate(order):
+                p = pairs[int(i)]
+                key = keys.text_key(TENANT, p.namespace, p.text_b, {"pair": int(i)})
+                found = engine.lookup(key, vector=vectors[p.text_b])
+                judged = found.hit or found.probe
+                if found.hit is not None:
+                    hits += 1
+                    wrong += int(not p.label)
+                    if step >= len(order) // 2:
+                        half[1] += 1
+                        half[2] += int(not p.label)
+                probes += int(found.probe is not None)
+                half[0] += int(step >= len(order) // 2)
+                if judged is not None and judged.entry.id == ids[int(i)]:
+                    label = "correct" if p.label else "wrong"
+                    command = engine.prepare_feedback(
+                        TENANT, judged.entry.id, label, similarity=judged.similarity
+                    )
+                    cache.propose(command)
+                    labelled += 1
+            ns = pairs[0].namespace
+            final = engine.threshold(TENANT, ns, engine.settings(TENANT, ns))
+            return AdaptiveRun(
+                len(pairs), hits, wrong, probes, labelled, final, (half[0], half[1], half[2])
+            )
+        finally:
+            cache.close(checkpoint=False)

@@ -1,0 +1,332 @@
+"""``llmcache-cli eval`` and ``llmcache-cli tune``: answer quality from labelled pairs.
+
+Both replay the pairs through the real engine with the default embedder (``client/quality.py``),
+locally: no node is needed and nothing is sent anywhere. Exit codes: 0 done; 1 ``tune`` found no
+threshold reaching the target for some namespace; 2 bad input (unreadable file, bad row, bad
+option), with the file and line named on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from llmcache.client import quality as q
+from llmcache.node import guards
+from llmcache.node.embed import Embedder, default_embedder
+
+GRID = [round(0.70 + 0.02 * i, 2) for i in range(14)]  # 0.70 .. 0.96
+EXIT_OK, EXIT_MISSED, EXIT_USAGE = 0, 1, 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _say(as_json: bool) -> Callable[[str], None]:
+    """Human output: to stdout, or to stderr when stdout carries the one JSON document."""
+    return lambda text: click.echo(text, err=as_json)
+
+
+def _guard_names(value: str) -> str:
+    try:
+        guards.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+data_option = click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Labelled pairs: JSON lines {text_a, text_b, label 0/1[, namespace]}, .gz allowed.",
+)
+guards_option = click.option(
+    "--guards",
+    "guard_names",
+    default=guards.DEFAULT_GUARDS,
+    show_default=True,
+    callback=lambda _ctx, _param, value: _guard_names(value),
+    help="Verification guards on during the replay: names, 'none' or 'all'.",
+)
+vectors_option = click.option(
+    "--vectors",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Embedding cache (.npz): read when it exists, else written after embedding.",
+)
+limit_option = click.option("--limit", type=click.IntRange(min=1), help="Only the first N pairs.")
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+
+
+def _prepare(
+    data: Path, limit: int | None, vectors_path: Path | None, say: Callable[[str], None]
+) -> tuple[list[q.Pair], Embedder, dict[str, np.ndarray]]:
+    try:
+        pairs, skipped = q.load_pairs(data, limit)
+    except q.DataError as exc:
+        _fail(str(exc))
+    positives = sum(p.label for p in pairs)
+    say(f"{data.name}: {len(pairs):,} pairs, {positives:,} should hit; {skipped} skipped (blank)")
+    embedder = default_embedder()
+    known: dict[str, np.ndarray] = {}
+    if vectors_path is not None and vectors_path.exists():
+        try:
+            known = q.load_vectors(vectors_path, embedder.identity)
+        except (q.DataError, OSError, ValueError, KeyError) as exc:
+            _fail(f"vector cache {vectors_path}: {exc}")
+        say(f"vector cache {vectors_path}: {len(known):,} texts")
+    texts = [t for p in pairs for t in (p.text_a, p.text_b)]
+    vectors = q.embed_all(embedder, texts, known)
+    if vectors_path is not None and len(vectors) > len(known):
+        q.save_vectors(vectors_path, vectors, embedder.identity)
+        say(f"wrote the vector cache {vectors_path}")
+    return pairs, embedder, vectors
+
+
+def _table(rows: list[q.Row], say: Callable[[str], None]) -> None:
+    say(
+        f"{'threshold':>9} {'precision':>9} {'recall':>7} {'F1':>6} {'hit rate':>8} "
+        f"{'wrong-hit rate':>14} {'hits':>7} {'wrong':>7}"
+    )
+    for r in rows:
+        say(
+            f"{r.threshold:>9.2f} {r.precision:>9.3f} {r.recall:>7.3f} {r.f1:>6.3f} "
+            f"{r.hit_rate:>8.3f} {r.wrong_hit_rate:>14.3f} {r.hits:>7,} {r.wrong_hits:>7,}"
+        )
+
+
+def _plot(curves: dict[str, tuple[q.Floats, q.Floats]], path: Path) -> str:
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'llmcache[plot]')"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall of semantic hits by threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return f"precision-recall plot: {path}"
+
+
+RECALLS = (0.3, 0.5, 0.7)
+
+
+@click.command("eval")
+@data_option
+@guards_option
+@vectors_option
+@limit_option
+@json_option
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="PR curve PNG.")
+@click.option(
+    "--each-guard",
+    is_flag=True,
+    help="Also measure every guard alone: precision at recall 0.3/0.5/0.7 against no guard.",
+)
+@click.option(
+    "--adaptive-delta",
+    type=click.FloatRange(0.0, 0.5, min_open=True),
+    help="Also stream the pairs through an adaptive namespace with this bound δ.",
+)
+@click.option(
+    "--adaptive-start",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.95,
+    show_default=True,
+    help="The adaptive namespace's configured threshold (used until labels back another).",
+)
+def eval_command(
+    data: Path,
+    guard_names: str,
+    vectors: Path | None,
+    limit: int | None,
+    as_json: bool,
+    plot: Path | None,
+    each_guard: bool,
+    adaptive_delta: float | None,
+    adaptive_start: float,
+) -> None:
+    """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
+    precision, recall, F1, hit rate and wrong-hit rate per threshold, with and without guards."""
+    say = _say(as_json)
+    load = os.getloadavg()
+    say(f"cpus: {os.cpu_count()}, load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    pairs, embedder, vecs = _prepare(data, limit, vectors, say)
+    labels = np.array([p.label for p in pairs], bool)
+    run = q.replay(pairs, vecs, embedder, guard_names)
+    say(f"engine: stored {len(pairs):,} in {run.store_s:.1f} s, looked up in {run.lookup_s:.1f} s")
+    vetoed = np.array([v is not None for v in run.vetoes], bool)
+    guarded = q.effective(run.scores, vetoed)
+    result: dict[str, Any] = {
+        "data": str(data),
+        "pairs": len(pairs),
+        "should_hit": int(labels.sum()),
+        "embedder": embedder.identity,
+        "guards": guard_names,
+        "roc_auc_no_guards": q.roc_auc(run.scores, labels),
+    }
+    variants: dict[str, q.Floats] = {"no guards": run.scores, f"guards {guard_names}": guarded}
+    if each_guard:
+        for name, guard in guards.GUARDS.items():
+            veto = np.array([guard(p.text_b, p.text_a) for p in pairs], bool)
+            variants[f"only {name}"] = q.effective(run.scores, veto)
+    result["at_recall"] = {
+        name: {str(r): q.precision_at_recall(s, labels, r)[0] for r in RECALLS}
+        for name, s in variants.items()
+    }
+    for name in ("no guards", f"guards {guard_names}"):
+        rows = [q.at_threshold(variants[name], labels, t) for t in GRID]
+        result.setdefault("thresholds", {})[name] = [asdict(r) for r in rows]
+        say(f"\n{name}:")
+        _table(rows, say)
+    say("\nprecision at recall " + " / ".join(map(str, RECALLS)) + ":")
+    for name, at in result["at_recall"].items():
+        say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))
+    if adaptive_delta is not None:
+        result["adaptive"] = _adaptive(
+            pairs, vecs, embedder, labels, guarded, guard_names, adaptive_delta, adaptive_start, say
+        )
+    if plot is not None:
+        curves = {}
+        for name, s in variants.items():
+            _, precision, recall = q.curve(s, labels)
+            curves[name] = (recall, precision)
+        say(_plot(curves, plot))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+
+
+def _adaptive(
+    pairs: list[q.Pair],
+    vecs: dict[str, np.ndarray],
+    embedder: Embedder,
+    labels: q.Bools,
+    guarded: q.Floats,
+    guard_names: str,
+    delta: float,
+    start: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    run = q.adaptive_stream(
+        pairs, vecs, embedder, delta=delta, start_threshold=start, guards=guard_names
+    )
+    lookups2, hits2, wrong2 = run.second_half
+    out: dict[str, Any] = asdict(run)
+    out["precision"] = run.precision
+    out["wrong_hit_rate"] = run.wrong_hits / max(1, int((~labels).sum()))
+    out["wrong_hits_per_lookup"] = run.wrong_hits / run.lookups
+    out["wrong_share_of_hits"] = 1 - run.precision
+    out["hit_rate"] = run.hits / run.lookups
+    out["second_half_wrong_share"] = wrong2 / hits2 if hits2 else 0.0
+    out["second_half_hit_rate"] = hits2 / lookups2 if lookups2 else 0.0
+    # The fixed threshold (guards alike) with the precision adaptive reached: its hit rate.
+    fixed = q.lowest_threshold(guarded, labels, run.precision)
+    out["fixed_equal_precision"] = (
+        None
+        if fixed is None
+        else {
+            "threshold": fixed[0],
+            "precision": fixed[1],
+            "hit_rate": float(np.mean(guarded >= fixed[0])),
+        }
+    )
+    say(
+        f"\nadaptive δ={delta}: {run.hits:,} hits of {run.lookups:,} lookups "
+        f"(hit rate {out['hit_rate']:.3f}), wrong share of hits {1 - run.precision:.3f}, "
+        f"wrong-hit rate {out['wrong_hit_rate']:.3f} "
+        f"(second half {out['second_half_wrong_share']:.3f}, hit rate "
+        f"{out['second_half_hit_rate']:.3f}); {run.labels:,} labels, {run.probes:,} probes; "
+        f"final threshold {run.final_threshold:.2f}"
+    )
+    if fixed is not None:
+        say(
+            f"fixed threshold of equal precision ({fixed[1]:.3f}): {fixed[0]:.3f}, hit rate "
+            f"{out['fixed_equal_precision']['hit_rate']:.3f}"
+        )
+    return out
+
+
+@click.command("tune")
+@data_option
+@click.option(
+    "--target-precision",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.95,
+    show_default=True,
+    help="Share of hits that must be correct.",
+)
+@guards_option
+@vectors_option
+@limit_option
+@json_option
+def tune_command(
+    data: Path,
+    target_precision: float,
+    guard_names: str,
+    vectors: Path | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Recommend a threshold per namespace from your own labelled pairs: the lowest one whose
+    hits reach --target-precision on them (with the given guards on). Exits 1 when a namespace
+    cannot reach it at any threshold."""
+    say = _say(as_json)
+    pairs, embedder, vecs = _prepare(data, limit, vectors, say)
+    run = q.replay(pairs, vecs, embedder, guard_names)
+    vetoed = np.array([v is not None for v in run.vetoes], bool)
+    scores = q.effective(run.scores, vetoed)
+    by_namespace: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_namespace.setdefault(p.namespace, []).append(i)
+    out: dict[str, Any] = {}
+    missed = False
+    for namespace, rows in sorted(by_namespace.items()):
+        idx = np.array(rows)
+        labels = np.array([pairs[i].label for i in rows], bool)
+        found = q.lowest_threshold(scores[idx], labels, target_precision)
+        if found is None or not labels.any():
+            missed = True
+            out[namespace] = {"pairs": len(rows), "threshold": None}
+            say(
+                f"{namespace}: no threshold reaches precision {target_precision} "
+                f"({len(rows)} pairs)"
+            )
+            continue
+        threshold = found[0]
+        # Round up to the 0.005 grid the settings are usually written in, never down.
+        threshold = min(1.0, math.ceil(threshold * 200 - 1e-9) / 200)
+        row = q.at_threshold(scores[idx], labels, threshold)
+        out[namespace] = {"pairs": len(rows), **asdict(row)}
+        say(
+            f"{namespace}: threshold {threshold:.3f} -> precision {row.precision:.3f}, recall "
+            f"{row.recall:.3f}, hit rate {row.hit_rate:.3f} ({len(rows)} pairs)"
+        )
+    if as_json:
+        click.echo(json.dumps({"target_precision": target_precision, "namespaces": out}, indent=1))
+    sys.exit(EXIT_MISSED if missed else EXIT_OK)
+
+
+def register(group: click.Group) -> None:
+    """Add ``eval`` and ``tune`` to ``llmcache-cli``."""
+    group.add_command(eval_command)
+    group.add_command(tune_command)
