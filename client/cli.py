@@ -32,14 +32,21 @@ from typing import Any
 
 import click
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-DEV_STATE_NAME = "dev-cluster.json"
-DEFAULT_DEV_DIR = Path("llmcache-dev")
+from llmcache.client import commands
+from llmcache.client.targets import (
+    DEFAULT_DEV_DIR,
+    DEV_STATE_NAME,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+    fail,
+    seed_urls,
+)
+
 MAX_NODES = 64
 """A bound on discovery: more members than this are not asked."""
 RAFT_PORT_OFFSET = 100
 """dev-cluster: node i listens for HTTP on base_port + i and for Raft on base_port + 100 + i."""
-EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 
 
 class Unreachable(Exception):
@@ -89,24 +96,6 @@ def call(
         return Answer(status, json.loads(raw) if raw else None)
     except ValueError:
         return Answer(status, raw.decode(errors="replace"))
-
-
-def dev_state_path() -> Path:
-    return Path(os.environ.get("LLMCACHE_DEV_STATE") or DEFAULT_DEV_DIR / DEV_STATE_NAME)
-
-
-def seed_urls(urls: Iterable[str]) -> list[str]:
-    """The nodes to start from (see the module docstring for the order of sources)."""
-    given = [u.rstrip("/") for u in urls]
-    if given:
-        return given
-    if os.environ.get("LLMCACHE_URL"):
-        return [os.environ["LLMCACHE_URL"].rstrip("/")]
-    try:
-        state = json.loads(dev_state_path().read_text())
-        return [str(node["url"]) for node in state["nodes"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [DEFAULT_URL]
 
 
 def discover(seeds: list[str], token: str | None) -> list[str]:
@@ -256,11 +245,6 @@ token_option = click.option(
     "--token", envvar="LLMCACHE_TOKEN", help="Admin token (default $LLMCACHE_TOKEN)."
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-
-
-def fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -526,3 +510,11 @@ def dev_cluster(
         if state_path.exists() and json.loads(state_path.read_text()).get("pid") == os.getpid():
             state_path.unlink()
     click.echo("stopped")
+
+
+for command in commands.COMMANDS:
+    main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()
