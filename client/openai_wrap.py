@@ -107,7 +107,7 @@ class CachedOpenAI:
         try:
             extra: dict[str, Any] = {} if self.threshold is None else {"threshold": self.threshold}
             found = self.cache.lookup(**selector, **self.scope, **extra)
-        except FAIL_OPEN:
+        except (*FAIL_OPEN, NotCacheable):
             self.last_status = "BYPASS"
             return None
         self.last_status = found.status

@@ -5,6 +5,7 @@ request-id reuse that makes retries safe, failover, and the errors a caller can 
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import threading
 import uuid
@@ -23,6 +24,7 @@ from llmcache.client.errors import (
     NotCacheable,
     NotFound,
     ServerTooOld,
+    TooLarge,
     Unauthorized,
     UnknownTenant,
 )
@@ -222,3 +224,33 @@ def test_async_client_round_trip(node: NodeProcess) -> None:
             assert (await c.cluster_status())["role"] == "leader"
 
     asyncio.run(scenario())
+
+
+def test_full_listings_and_import_checks(node: NodeProcess, client: CacheClient) -> None:
+    ns = f"imp-{uuid.uuid4().hex[:8]}"
+    client.store("What is LLM-Cache?", "A semantic cache.", namespace=ns)
+    (view,) = [e.view for e in client.entries(namespace=ns, full=True).entries]
+    assert len(base64.b64decode(view["vector_base64"])) == 384 * 4 and view["embedder"]
+    record = {k: v for k, v in view.items() if k not in ("id", "age_s")}
+    done = client.import_entries([record, {**record, "prompt": "other", "expires_at_ms": 1}])
+    assert done == {"imported": 1, "duplicates": 0, "expired": 1, "index": done["index"]}
+    again = client.import_entries([record])
+    assert (again["imported"], again["duplicates"]) == (0, 1)
+    (replaced,) = [e.view for e in client.entries(namespace=ns, full=True).entries]
+    assert {**replaced, "id": 0, "age_s": 0} == {**view, "id": 0, "age_s": 0}  # itself
+
+    def refused(entry: dict[str, object]) -> str | None:
+        with pytest.raises(BadRequest) as failure:
+            client.import_entries([record, entry])
+        return failure.value.field
+
+    unnormed = base64.b64encode(bytes(4 * 384)).decode()
+    assert refused({**record, "vector_base64": unnormed}) == "entries[1].vector_base64"
+    assert refused({**record, "kind": "other"}) == "entries[1].kind"
+    assert refused({**record, "id": 3}) == "entries[1].id"
+    with pytest.raises(TooLarge):
+        client.import_entries([record] * 257)
+    with CacheClient(node.url, token=ADMIN) as admin:
+        writer = admin.create_token("acme", "writer")
+    with CacheClient(node.url, token=writer.token) as own, pytest.raises(Forbidden):
+        own.import_entries([record])
