@@ -24,10 +24,14 @@ from llmcache.client import bench as benchmark
 from llmcache.client import export as exporting
 from llmcache.client.errors import ConnectionFailed, InvalidURL, LLMCacheError
 from llmcache.client.models import Entry, LookupResult
+from llmcache.client.protocol import RetryPolicy
 from llmcache.client.sync import CacheClient
 from llmcache.client.targets import EXIT_MISS, EXIT_UNHEALTHY, EXIT_USAGE, fail, seed_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
+CLI_RETRY = RetryPolicy(attempts=5, base_s=0.1, cap_s=1.0)
+"""A person waits for the answer: give up after ~1.5 s of failures (a store's --request-id
+makes running the command again safe)."""
 
 
 def connection(fn: F) -> F:
@@ -53,7 +57,7 @@ def connection(fn: F) -> F:
 def opened(urls: tuple[str, ...], token: str | None, tenant: str | None) -> Iterator[CacheClient]:
     """A client, with every library error turned into a message and an exit code."""
     try:
-        with CacheClient(seed_urls(urls), token=token, tenant=tenant) as client:
+        with CacheClient(seed_urls(urls), token=token, tenant=tenant, retry=CLI_RETRY) as client:
             yield client
     except (ConnectionFailed, InvalidURL) as exc:
         fail(str(exc), EXIT_USAGE)

@@ -58,15 +58,16 @@ class Call(Generic[T]):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``attempts`` tries in all; the n-th wait is uniform in [0, min(cap, base * 2**n)]."""
+    """``attempts`` tries in all; the n-th wait is uniform in [0, min(cap, base * 2**n)]. The
+    default waits ~5 s in all on average (11 s at most): an election (2-4 s) fits."""
 
-    attempts: int = 6
+    attempts: int = 10
     base_s: float = 0.1
     cap_s: float = 2.0
 
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+    def delay(self, attempt: int, floor: float = 0.0) -> float:
         wait = random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
-        return max(wait, min(retry_after or 0.0, self.cap_s))
+        return max(wait, min(floor, self.cap_s))
 
 
 def check_url(url: str) -> str:
@@ -156,10 +157,10 @@ class Protocol:
             return call.parse(body, headers)
         if status in (307, 308) and headers.get("Location"):
             self.nodes.redirected(headers["Location"])
-            raise Retry(0.0, None)
+            raise Retry(None, immediate=True)
         if status == 415 and self.msgpack:
             self.msgpack = False
-            raise Retry(0.0, None)
+            raise Retry(None, immediate=True)
         if status in (404, 405) and not _is_error(body):
             raise ServerTooOld(
                 f"{url} does not serve {call.method} {call.path}: the server predates this "
@@ -170,13 +171,13 @@ class Protocol:
         error = from_answer(status, body, url)
         if status in TRANSIENT:  # this node cannot serve now: another may (or a new leader)
             self.nodes.failed(url)
-            raise Retry(_retry_after(headers), error)
+            raise Retry(error, floor=_retry_after(headers))
         raise error
 
     def failed(self, url: str, exc: Exception) -> Retry:
         """An attempt on ``url`` got no answer: try the next node after a backoff."""
         self.nodes.failed(url)
-        return Retry(None, ConnectionFailed(f"{url}: {exc or type(exc).__name__}", url=url))
+        return Retry(ConnectionFailed(f"{url}: {exc or type(exc).__name__}", url=url))
 
     def exhausted(self, call: Call[Any], last: LLMCacheError | None) -> LLMCacheError:
         """The error raised when every attempt failed transiently."""
@@ -193,16 +194,20 @@ class Protocol:
 
 
 class Retry(Exception):
-    """Try again: at once (``delay`` 0: a redirect), or after a backoff that is at least
-    ``delay`` (``None``: plain backoff). ``error`` is what to report if attempts run out."""
+    """Try again: at once when ``immediate`` (a redirect, a format fallback), else after a
+    backoff of at least ``floor`` seconds (a server's ``Retry-After``). ``error`` is what to
+    report if the attempts run out."""
 
-    def __init__(self, delay: float | None, error: LLMCacheError | None) -> None:
+    def __init__(
+        self, error: LLMCacheError | None, *, floor: float = 0.0, immediate: bool = False
+    ) -> None:
         super().__init__(error.message if error else "retry")
-        self.delay = delay
         self.error = error
+        self.floor = floor
+        self.immediate = immediate
 
     def wait(self, policy: RetryPolicy, attempt: int) -> float:
-        return 0.0 if self.delay == 0.0 else policy.delay(attempt, self.delay)
+        return 0.0 if self.immediate else policy.delay(attempt, self.floor)
 
 
 def _is_error(body: Any) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import threading
 import uuid
@@ -26,6 +27,7 @@ from llmcache.client.errors import (
     ServerTooOld,
     TooLarge,
     Unauthorized,
+    Unavailable,
     UnknownTenant,
 )
 from tests.node_process import NodeProcess, free_port
@@ -166,14 +168,19 @@ def test_reads_fail_over_to_the_next_node(node: NodeProcess) -> None:
 
 
 class OldServer:
-    """A loopback HTTP server standing in for an older node: it serves the routes of the
-    first release only (no import, no ``full`` listings), 404 otherwise."""
+    """A loopback HTTP server standing in for an older node: it documents the routes of the
+    first release only (no import, no ``full`` listings) and answers 404 to others. Its store
+    speaks JSON only (415 to msgpack) and answers 503 ``fail`` times before storing; it records
+    the bodies it was sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: int = 0) -> None:
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
+        self.fail = fail
+        self.bodies: list[tuple[str, bytes]] = []
         app = web.Application()
         app.router.add_get("/openapi.json", self._openapi)
+        app.router.add_post("/v1/cache/store", self._store)
         self.runner = web.AppRunner(app)
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
@@ -186,6 +193,18 @@ class OldServer:
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response({"paths": {"/v1/cache/entries": {"get": {"parameters": []}}}})
+
+    async def _store(self, request: web.Request) -> web.Response:
+        self.bodies.append((request.content_type, await request.read()))
+        if request.content_type != "application/json":
+            return web.json_response({"error": {"code": "unsupported_media_type"}}, status=415)
+        if self.fail > 0:
+            self.fail -= 1
+            error = {"code": "raft_unavailable", "message": "no leader", "field": None}
+            return web.json_response({"error": error}, status=503, headers={"Retry-After": "0"})
+        data = await request.json()
+        answer = {"id": 1, "index": 5, "request_id": data["request_id"], "replaced": None}
+        return web.json_response(answer, status=201)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
@@ -204,6 +223,28 @@ def test_a_server_too_old_for_a_feature_is_named() -> None:
                 c.feedback(1, "wrong")
     finally:
         old.close()
+
+
+def test_a_write_retried_through_503s_keeps_its_request_id_and_falls_back_to_json() -> None:
+    server = OldServer(fail=2)
+    try:
+        with CacheClient(f"http://127.0.0.1:{server.port}", retry=QUICK) as c:
+            with pytest.raises(Unavailable) as gave_up:  # 2 attempts: 415, then a 503
+                c.store(key="k", response="v")
+            assert gave_up.value.request_id and "retry with request_id=" in str(gave_up.value)
+            stored = c.store(key="k", response="v", request_id=gave_up.value.request_id)
+            assert stored.request_id == gave_up.value.request_id and stored.id == 1
+        kinds = [kind for kind, _ in server.bodies]
+        assert kinds == ["application/msgpack"] + ["application/json"] * 3
+        sent = [json.loads(body)["request_id"] for kind, body in server.bodies[1:]]
+        assert sent == [gave_up.value.request_id] * 3  # 503, then 503 and 201 on the retry
+        with CacheClient(f"http://127.0.0.1:{server.port}", msgpack=False) as patient:
+            server.fail = 3
+            assert patient.store(key="k", response="v").id == 1  # 3 x 503, then stored
+            ids = {json.loads(body)["request_id"] for _, body in server.bodies[4:]}
+            assert len(ids) == 1 and len(server.bodies) == 8
+    finally:
+        server.close()
 
 
 def test_async_client_round_trip(node: NodeProcess) -> None:
