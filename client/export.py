@@ -23,7 +23,8 @@ import gzip
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -101,11 +102,22 @@ def export(
         "source": client.urls[0],
         "tenant_view": tenant_view,
     }
+    entries = client.iter_entries(namespace=namespace, full=True, tenant=name)
+    return write(out, header, (_record(entry.view) for entry in entries), progress)
+
+
+def write(
+    out: IO[bytes],
+    header: dict[str, Any],
+    records: Iterable[dict[str, Any]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write an export stream (header, ``records``, trailer) to ``out``; the record count."""
     count = 0
     with gzip.GzipFile(fileobj=out, mode="wb") as stream:
         stream.write(msgpack.packb(header, use_bin_type=True))
-        for entry in client.iter_entries(namespace=namespace, full=True, tenant=name):
-            stream.write(msgpack.packb(_record(entry.view), use_bin_type=True))
+        for record in records:
+            stream.write(msgpack.packb(record, use_bin_type=True))
             count += 1
             if progress is not None:
                 progress(1)
@@ -120,7 +132,7 @@ def read(path: Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
     unpacker = msgpack.Unpacker(stream, raw=False, strict_map_key=False)
     try:
         header = next(unpacker)
-    except (StopIteration, ValueError, OSError, EOFError) as exc:
+    except (StopIteration, ValueError, OSError, EOFError, zlib.error) as exc:
         stream.close()
         raise ExportFormatError(f"{path} is not an LLM-Cache export: {exc!r}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -138,9 +150,11 @@ def read(path: Path) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
                     if item.get("count") != count:
                         raise ExportFormatError(f"{path}: trailer says {item.get('count')}")
                     return
+                if not isinstance(item, dict):
+                    raise ExportFormatError(f"{path}: record {count + 1} is not a map")
                 count += 1
                 yield item
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, zlib.error) as exc:
             raise ExportFormatError(f"{path} is damaged after {count} records: {exc}") from None
         finally:
             stream.close()
