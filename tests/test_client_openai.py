@@ -3,14 +3,15 @@ talking to a real loopback fake LLM, its calls cached in a real node."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from llmcache.client import CacheClient, RetryPolicy
-from llmcache.client.openai_wrap import cached
+from llmcache.client import AsyncCacheClient, CacheClient, RetryPolicy
+from llmcache.client.openai_wrap import cached, cached_async
 from tests.fake_llm import CHAT, FakeLLM
 from tests.node_process import NodeProcess, free_port
 
@@ -91,3 +92,26 @@ def test_the_wrapper_fails_open_when_the_cache_is_down(llm: FakeLLM) -> None:
         wrapped = cached(upstream, dead)
         assert ask(wrapped, "Still answered?").choices[0].message.content
         assert wrapped.last_status == "BYPASS" and llm.call_count(CHAT) == 1
+
+
+def test_the_async_wrapper(node: NodeProcess, llm: FakeLLM) -> None:
+    async def scenario() -> None:
+        upstream = openai.AsyncOpenAI(base_url=llm.base_url, api_key=KEY)
+        async with AsyncCacheClient(node.url) as cache:
+            wrapped = cached_async(upstream, cache, namespace="wrap-async")
+            body = {
+                "model": "gpt-test",
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Is the async path cached?"}],
+            }
+            first = await wrapped.chat.completions.create(**body)
+            assert wrapped.last_status == "MISS"
+            second = await wrapped.chat.completions.create(**body)
+            assert wrapped.last_status == "HIT" and second == first
+            vectors = await wrapped.embeddings.create(model="e", input="x")
+            assert await wrapped.embeddings.create(model="e", input="x") == vectors
+            assert wrapped.last_status == "HIT"
+        assert llm.call_count(CHAT) == 1 and llm.call_count() == 1
+        await upstream.close()
+
+    asyncio.run(scenario())
