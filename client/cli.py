@@ -1,9 +1,10 @@
-"""``llmcache-cli``: operate an LLM-Cache cluster over its HTTP API.
+"""``llmcache-cli``: use and operate LLM-Cache over its HTTP API.
 
-Commands: ``cluster status``, ``cluster add``, ``cluster remove``, ``cluster transfer-leader``
-and ``dev-cluster``. Output is for humans unless ``--json`` is given (one JSON document on
+Commands here: ``cluster status``, ``cluster add``, ``cluster remove``, ``cluster
+transfer-leader`` and ``dev-cluster``; ``commands.py`` adds ``cache``, ``tenant``, ``export``,
+``import`` and ``bench``. Output is for humans unless ``--json`` is given (one JSON document on
 stdout). Exit codes: 0 ok/healthy; 1 the cluster is unhealthy or the node refused the operation;
-2 a usage error or no node could be reached.
+2 a usage error or no node could be reached; 3 a ``cache lookup`` missed.
 
 Which nodes are asked: the ``--url`` options; without any, ``$LLMCACHE_URL``; else the URLs of
 the local dev cluster from its state file (``$LLMCACHE_DEV_STATE``, else
@@ -249,9 +250,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="One JSON doc
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Operate an LLM-Cache cluster. Exit codes: 0 ok, 1 unhealthy or refused, 2 usage or
-    connection error. Nodes: --url, else $LLMCACHE_URL, else the local dev cluster's state
-    file ($LLMCACHE_DEV_STATE or ./llmcache-dev/dev-cluster.json), else http://127.0.0.1:8080."""
+    """Use and operate LLM-Cache. Exit codes: 0 ok, 1 unhealthy or refused by the server,
+    2 usage or connection error, 3 lookup miss. Nodes: --url, else $LLMCACHE_URL, else the
+    local dev cluster's state file ($LLMCACHE_DEV_STATE or ./llmcache-dev/dev-cluster.json),
+    else http://127.0.0.1:8080."""
 
 
 @main.group()

@@ -125,11 +125,11 @@ class Protocol:
     """Encoding and the decision after each attempt; one per client (holds the wire format,
     which falls back to JSON if a server refuses msgpack with 415)."""
 
-    def __init__(self, nodes: Nodes, retry: RetryPolicy, token: str | None, msgpack: bool):
+    def __init__(self, nodes: Nodes, retry: RetryPolicy, token: str | None, packed: bool):
         self.nodes = nodes
         self.retry = retry
         self.token = token
-        self.msgpack = msgpack
+        self.msgpack = packed
 
     def request(self, call: Call[Any], url: str) -> tuple[str, dict[str, str], bytes | None]:
         """The full URL, headers and body bytes of one attempt of ``call`` on ``url``."""
