@@ -184,6 +184,9 @@ def assess(
             problems.append(f"{name} has no quorum")
         if view["leader"] is None:
             problems.append(f"{name} knows no leader")
+        contact = view.get("leader_contact_ms")
+        if view["role"] != "leader" and contact is not None and contact > LEADER_SILENCE_MS:
+            problems.append(f"{name} has not heard the leader for {contact} ms")
         if not view["ready"]:
             problems.append(f"{name} is not ready ({view.get('not_ready_because')})")
     by_term: dict[int, list[str]] = {}
@@ -205,8 +208,12 @@ def assess(
 
 
 ROW_FIELDS = (
-    "node_id", "role", "term", "commit_index", "applied_index", "leader", "has_quorum", "ready",
+    "node_id", "role", "term", "commit_index", "applied_index", "leader", "leader_contact_ms",
+    "has_quorum", "ready",
 )  # fmt: skip
+LEADER_SILENCE_MS = 1500
+"""A follower that has not heard the leader for longer (heartbeats every 0.1 s; elections
+start after 1.5-3 s of silence) is reported as a problem."""
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -219,16 +226,19 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "APPLIED",
         "LAG",
         "LEADER",
+        "CONTACT",
         "QUORUM",
         "READY",
     ]
     lines = [header]
     for r in rows:
         if not r["reachable"]:
-            lines.append(["?", r["url"], "unreachable"] + [""] * 7)
+            lines.append(["?", r["url"], "unreachable"] + [""] * 8)
             continue
         cells = [r[k] for k in ("node_id", "url", "role", "term", "commit_index")]
+        contact = r.get("leader_contact_ms")
         cells += [r["applied_index"], r["lag"], r["leader"] or "-"]
+        cells += ["-" if contact is None else f"{contact / 1000:.1f}s"]
         cells += ["yes" if r["has_quorum"] else "NO", "yes" if r["ready"] else "NO"]
         lines.append([str(c) for c in cells])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

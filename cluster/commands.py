@@ -174,6 +174,17 @@ class Touch(Command):
     last_hit_ms: tuple[int, ...]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Advertise(Command):
+    """Member ``address`` (its Raft ``host:port``) serves HTTP at ``http_url``: how a node
+    added at run time becomes known to followers that forward writes to it when it leads."""
+
+    TYPE: ClassVar[int] = 12
+    address: str
+    http_url: str
+
+
+MAX_URL_CHARS = 512
 MAX_TOUCH_IDS = 4096
 """Ids per :class:`Touch`: a few tens of KB, small enough for pysyncobj to forward safely."""
 
@@ -191,6 +202,7 @@ COMMAND_TYPES: dict[int, type[Command]] = {
         Noop,
         Feedback,
         Touch,
+        Advertise,
     )
 }
 
@@ -272,6 +284,12 @@ def validate(command: Command) -> None:
             f"Touch: ids, hits and last_hit_ms must be equal-length lists of non-negative "
             f"integers, at most {MAX_TOUCH_IDS}"
         )
+    if isinstance(command, Advertise) and not (
+        ":" in command.address
+        and command.http_url.startswith(("http://", "https://"))
+        and max(len(command.address), len(command.http_url)) <= MAX_URL_CHARS
+    ):
+        raise MalformedCommand("Advertise: needs host:port and an http(s) URL")
     if isinstance(command, ConfigSet) and command.namespace and not command.tenant:
         raise MalformedCommand("ConfigSet: a namespace needs its tenant")
 

@@ -26,6 +26,7 @@ from llmcache.cluster import commands as c
 from llmcache.node.errors import MalformedCommand
 from llmcache.node.store import (
     FEED_RETENTION,
+    MEMBER_PREFIX,
     OP_ADD,
     OP_REMOVE,
     Entry,
@@ -172,6 +173,10 @@ class StateMachine:
             return {}
         if isinstance(cmd, c.Touch):
             return {"touched": self._touch(txn, cmd)}
+        if isinstance(cmd, c.Advertise):
+            key = MEMBER_PREFIX + cmd.address.encode()
+            txn.put(key, cmd.http_url.encode(), db=self.dbs["meta"])
+            return {}
         if isinstance(cmd, c.Noop):
             return {}
         raise AssertionError(f"no apply for {type(cmd).__name__}")  # pragma: no cover

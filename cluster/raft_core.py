@@ -13,11 +13,11 @@ loop also runs leader maintenance (:mod:`llmcache.cluster.maintenance`): workers
 into ``Touch`` on every node, and on the leader only, ``Expire`` and ``Evict``.
 
 Settings that were measured (shared/DESIGN.md §5): journal and full dump always together,
-``appendEntriesUseBatch=False``, election timeouts 2–4 s with the leader fallback near them, and
-a mandatory password on a multi-node group. pysyncobj encrypts with the ``cryptography`` package,
-which this project does not install, so the password keys :class:`RaftAuthenticator` instead:
-every Raft frame carries an HMAC-SHA256 and frames that fail it are dropped before they are
-unpickled (authenticated, not encrypted).
+``appendEntriesUseBatch=False``, election timeouts 1.5–3 s with the leader fallback at 3 s, and
+a mandatory password on a multi-node group. The password keys :class:`RaftCipher`: every Raft
+frame is encrypted and authenticated with AES-256-GCM, and frames that fail it are dropped
+before they are unpickled. (pysyncobj's own encryption is Fernet: AES-CBC plus HMAC, base64
+encoded, a third larger on the wire, with one key for every message ever sent.)
 
 Data directory: ``store/`` (LMDB, what workers open read-only), ``raft/journal``,
 ``raft/snapshot`` (the full dump, :mod:`llmcache.cluster.snapshot`), ``raft/lock``. Installing a
@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import hmac
+import itertools
 import logging
 import os
 import signal
@@ -49,6 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import FAIL_REASON, SERIALIZER_STATE, SyncObj, SyncObjConf, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import SyncObjException
@@ -68,6 +72,7 @@ EXIT_APPLY_FAILED = 3
 diverge); the supervisor restarts the node, which replays the entry from its journal."""
 AUTH_WARNING_INTERVAL_S = 60.0
 SNAPSHOT_JOIN_S = 30.0
+ADVERTISE_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,13 +86,15 @@ class RaftCoreOptions:
     password: str | None = field(default=None, repr=False)
     journal: bool = True
     full_dump: bool = True
-    raft_min_timeout_s: float = 2.0
-    raft_max_timeout_s: float = 4.0
-    leader_fallback_timeout_s: float = 4.0
+    raft_min_timeout_s: float = 1.5
+    raft_max_timeout_s: float = 3.0
+    leader_fallback_timeout_s: float = 3.0
     log_compaction_min_entries: int = 5000
     log_compaction_min_time_s: float = 300
     durable: bool = True
     max_map_size: int = 64 << 30
+    http_url: str | None = None
+    """This node's HTTP front door, advertised to the group through the log."""
     maintenance_period_s: float = 5.0
     """How often access reports become ``Touch`` and, on the leader, expiry and eviction run."""
 
@@ -121,43 +128,67 @@ class RaftCoreOptions:
         return self.data_dir / "raft"
 
 
-class RaftAuthenticator:
-    """pysyncobj's transport "encryptor" interface, authenticating with HMAC-SHA256.
+class RaftCipher:
+    """pysyncobj's transport "encryptor" interface: AES-256-GCM keyed by the Raft password.
 
-    Token: send time (u64, the sender's monotonic seconds, as pysyncobj passes it), payload,
-    HMAC of both. pysyncobj itself adds a per-connection random key to every message and
-    rejects timestamps that go backwards, so frames cannot be replayed across connections.
+    Frame: send time (u64, the sender's monotonic seconds, as pysyncobj passes it), a session
+    salt (16 random bytes, new per process), a nonce (a 96-bit counter), then the ciphertext
+    with its tag; the first three are authenticated as associated data. Each session key is
+    HKDF(PBKDF2(password), salt), so nonces never repeat under one key, across restarts and
+    nodes included. pysyncobj adds a per-connection random key to every message and rejects
+    timestamps that go backwards, so frames cannot be replayed across connections. Used by
+    pysyncobj's tick thread only (its transport is single-threaded).
     """
 
-    TS = struct.Struct(">Q")
+    HEAD = struct.Struct(">Q16s12s")
+    MAX_SESSIONS = 256
+    """Peers' session keys kept; a peer restarting makes a new one."""
 
     def __init__(self, password: str) -> None:
-        self._key = hashlib.pbkdf2_hmac("sha256", password.encode(), b"llmcache-raft-v1", 100_000)
+        self._master = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), b"llmcache-raft-v2", 100_000
+        )
+        self._salt = os.urandom(16)
+        self._sealer = AESGCM(self._session_key(self._salt))
+        self._counter = itertools.count(1)
+        self._openers: dict[bytes, AESGCM] = {}
+        self._opened: tuple[bytes, int, bytes] | None = None  # pysyncobj opens a frame twice
         self._last_warning = -AUTH_WARNING_INTERVAL_S
 
+    def _session_key(self, salt: bytes) -> bytes:
+        hkdf = HKDF(algorithm=SHA256(), length=32, salt=salt, info=b"llmcache raft frames")
+        return hkdf.derive(self._master)
+
     def encrypt_at_time(self, data: bytes, ts: int) -> bytes:
-        head = self.TS.pack(ts) + data
-        return head + hmac.digest(self._key, head, "sha256")
+        head = self.HEAD.pack(ts, self._salt, next(self._counter).to_bytes(12, "big"))
+        return head + self._sealer.encrypt(head[-12:], data, head)
 
     def extract_timestamp(self, token: bytes) -> int:
-        self._verified(token)
-        ts: int = self.TS.unpack_from(token)[0]
-        return ts
+        return self._open(token)[0]
 
     def decrypt(self, token: bytes) -> bytes:
-        return self._verified(token)[self.TS.size :]
+        return self._open(token)[1]
 
-    def _verified(self, token: bytes) -> bytes:
-        head, mac = token[:-32], token[-32:]
-        if len(head) < self.TS.size or not hmac.compare_digest(
-            mac, hmac.digest(self._key, head, "sha256")
-        ):
+    def _open(self, token: bytes) -> tuple[int, bytes]:
+        if self._opened is not None and self._opened[0] is token:
+            return self._opened[1], self._opened[2]
+        try:
+            ts, salt, nonce = self.HEAD.unpack_from(token)
+            opener = self._openers.get(salt)
+            if opener is None:
+                if len(self._openers) >= self.MAX_SESSIONS:
+                    self._openers.pop(next(iter(self._openers)))
+                opener = AESGCM(self._session_key(salt))
+            data = opener.decrypt(nonce, token[self.HEAD.size :], token[: self.HEAD.size])
+        except (struct.error, InvalidTag):
             # pysyncobj drops the connection silently; say why, but not on every retry.
             if time.monotonic() - self._last_warning > AUTH_WARNING_INTERVAL_S:
                 self._last_warning = time.monotonic()
                 log.warning("a Raft peer failed authentication (another cluster password?)")
-            raise ValueError("Raft frame failed authentication")
-        return head
+            raise ValueError("Raft frame failed authentication") from None
+        self._openers[salt] = opener  # only keys that opened a frame are kept
+        self._opened = (token, ts, data)
+        return ts, data
 
 
 class RaftStateLost(Exception):
@@ -181,7 +212,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         # and the encryptor property must answer while SyncObj.__init__ inspects the class.
         self.options = options
         self.self_id = options.self_address
-        self._auth = RaftAuthenticator(options.password) if options.password else None
+        self._auth = RaftCipher(options.password) if options.password else None
         self._role = "follower"
         self.bootstrapped = False  # tenant default seen in the store (set by run())
         self.access = maintenance.AccessBuffer()  # workers' reports until the next Touch
@@ -231,9 +262,20 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         peers = [p for p in options.peers if p != options.self_address]
         super().__init__(options.self_address, peers, conf)
         self.addOnTickCallback(self._on_tick)
+        self._leader_contact: float | None = None  # monotonic time of the last append entries
+        # pysyncobj keeps no time of last contact: note it on the way into its own handler.
+        transport = self._SyncObj__transport
+        handler = self._SyncObj__onMessageReceived
+
+        def on_message(node: Any, message: Any) -> None:
+            if isinstance(message, dict) and message.get("type") == "append_entries":
+                self._leader_contact = time.monotonic()
+            handler(node, message)
+
+        transport.setOnMessageReceivedCallback(on_message)
 
     @property
-    def encryptor(self) -> RaftAuthenticator | None:
+    def encryptor(self) -> RaftCipher | None:
         return self._auth
 
     @property
@@ -378,7 +420,15 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             has_quorum=self.hasQuorum,
             ready=self.isReady() and leader is not None and self.bootstrapped,
             peers={n.id: {"connected": self.isNodeConnected(n)} for n in self.otherNodes},
+            leader_contact_ms=self._leader_contact_ms(),
         )
+
+    def _leader_contact_ms(self) -> int | None:
+        if self._role == "leader":
+            return 0
+        if self._leader_contact is None:
+            return None
+        return int((time.monotonic() - self._leader_contact) * 1000)
 
     def read_store(self, fn: Callable[[Store], Any]) -> Any:
         """Run ``fn`` on the store, safe against a concurrent snapshot install."""
@@ -552,6 +602,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
     status = 0
     bootstrap = asyncio.create_task(_bootstrap_default_tenant(core))
     maintain = asyncio.create_task(maintenance.run(core, options.maintenance_period_s))
+    advertise = asyncio.create_task(_advertise(core, options.http_url))
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
@@ -561,6 +612,7 @@ async def _serve_locked(options: RaftCoreOptions) -> int:
             break
     bootstrap.cancel()
     maintain.cancel()
+    advertise.cancel()
     if status == 0 and core._isLeader() and core.otherNodes:
         try:
             leader = await core.transfer_leadership(None, 2 * options.raft_max_timeout_s)
@@ -600,6 +652,22 @@ async def _bootstrap_default_tenant(core: RaftCore) -> None:
                 log.info("bootstrap of tenant default: %s", exc)
         await asyncio.sleep(0.5)
     core.bootstrapped = True
+
+
+async def _advertise(core: RaftCore, url: str | None) -> None:
+    """Once the group is ready, make sure its replicated member URLs name ``url`` for this node
+    (followers forward writes to a leader by this URL when their config does not list it)."""
+    if url is None or not core.options.peers:  # a group of one forwards to nobody
+        return
+    data = commands.encode(commands.Advertise(address=core.self_id, http_url=url))
+    while core.read_store(lambda store: store.member_urls().get(core.self_id)) != url:
+        if core.status().ready:
+            if core._isLeader():
+                with contextlib.suppress(Exception):  # leadership moved: look again
+                    await core.propose(data, "applied", 10.0)
+            else:
+                core.propose_forwarded(data)
+        await asyncio.sleep(ADVERTISE_RETRY_S)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,8 @@ def _status_headers(status: RaftStatus) -> dict[str, str]:
 
 def _to_leader(request: web.Request, status: RaftStatus) -> str:
     """The leader's HTTP URL; :class:`NotLeader` (503) when no leader's URL is known."""
-    url = _services(request).settings.peers_http.get(status.leader or "")
+    services = _services(request)
+    url = forwarding.peer_url(services.settings.peers_http, services.engine.store, status.leader)
     if url is None:
         raise NotLeader(f"{status.node_id} is not the leader and knows no leader URL", None)
     return url
@@ -546,7 +547,12 @@ async def store(request: web.Request) -> web.Response:
     namespace = _namespace(data, over.namespace)
     wait = _wait(data)
     data["request_id"] = _request_id(data)
-    put = await _run(_prepare_store, engine, tenant, namespace, data, over)
+    # As for lookups: only embedding leaves the event loop (thread hops cost more, and CPU
+    # work in pool threads starves the loop's many short GIL-releasing calls).
+    if "vector" in data or "key" in data:
+        put = _prepare_store(engine, tenant, namespace, data, over)
+    else:
+        put = await _run(_prepare_store, engine, tenant, namespace, data, over)
     proposal = await _propose(request, put, wait)
     value = _applied(proposal)
     metrics.STORES.labels(tenant, "duplicate" if "duplicate_of" in value else "stored").inc()

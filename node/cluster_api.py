@@ -84,7 +84,8 @@ async def _on_leader(
 async def members(request: web.Request) -> web.Response:
     proposer = _admin(request)
     status = await proposer.status()
-    peers_http = request.app[SERVICES].settings.peers_http
+    services = request.app[SERVICES]
+    urls = {**services.engine.store.member_urls(), **services.settings.peers_http}
     me = {
         "address": status.node_id,
         "url": f"{request.scheme}://{request.host}",
@@ -95,7 +96,7 @@ async def members(request: web.Request) -> web.Response:
     others = [
         {
             "address": address,
-            "url": peers_http.get(address),
+            "url": urls.get(address),
             "self": False,
             "role": "leader" if address == status.leader else "follower",
             "connected": bool(info.get("connected")),

@@ -147,15 +147,19 @@ class NodeConfig(BaseSettings):
     raft_host: str | None = None
     """This node's Raft address as its peers know it; filled with host when not given."""
     raft_port: Port = 7000
+    advertise_url: HttpURL | None = None
+    """The HTTP URL peers reach this node at, replicated to the group (``Advertise``) so a node
+    added at run time can be forwarded to. Default: http_url, with raft_host in place of a
+    wildcard bind address."""
     peers: Annotated[list[Peer], NoDecode] = []
     """The other members. From env/flags: comma-separated ``host:raft_port[|http_url]``."""
     raft_password: Secret | None = None
     """Mandatory with peers: the Raft port unpickles what it receives."""
     journal: bool = True
     full_dump: bool = True
-    raft_min_timeout_s: float = Field(2.0, gt=0)
-    raft_max_timeout_s: float = Field(4.0, gt=0)
-    leader_fallback_timeout_s: float = Field(4.0, gt=0)
+    raft_min_timeout_s: float = Field(1.5, gt=0)
+    raft_max_timeout_s: float = Field(3.0, gt=0)
+    leader_fallback_timeout_s: float = Field(3.0, gt=0)
     log_compaction_min_entries: int = Field(5000, ge=1)
     log_compaction_min_time_s: float = Field(300.0, gt=0)
     durable: bool = True
@@ -267,6 +271,16 @@ class NodeConfig(BaseSettings):
     def open_access(self) -> bool:
         """No admin_token and bound to loopback: token-less requests are allowed."""
         return self.admin_token is None and _is_loopback(self.host)
+
+    @property
+    def public_url(self) -> str:
+        """advertise_url, else http_url with a wildcard host replaced by raft_host."""
+        if self.advertise_url:
+            return str(self.advertise_url)
+        if self.host in ("0.0.0.0", "::", "") and self.raft_host:
+            scheme = "https" if self.tls_cert else "http"
+            return f"{scheme}://{_url_host(self.raft_host)}:{self.port}"
+        return self.http_url
 
     @property
     def http_url(self) -> str:

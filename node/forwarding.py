@@ -86,6 +86,14 @@ def proposal_from_wire(raw: Mapping[str, Any]) -> Proposal:
     return Proposal(int(raw["index"]), int(raw["term"]), raw.get("leader"), result)
 
 
+def peer_url(peers_http: Mapping[str, str], store: Store, address: str | None) -> str | None:
+    """The HTTP URL of member ``address``: from this node's configuration, else as the member
+    advertised itself through the log (nodes added at run time)."""
+    if address is None:
+        return None
+    return peers_http.get(address) or store.member_urls().get(address)
+
+
 class ForwardingProposer:
     """A :class:`~llmcache.node.proposer.Proposer` that works on every node of a group.
 
@@ -136,7 +144,7 @@ class ForwardingProposer:
         while leader is None and loop.time() < deadline:
             await asyncio.sleep(0.1)
             leader = (await self.local.status()).leader
-        url = self.peers_http.get(leader or "")
+        url = peer_url(self.peers_http, self.store, leader)
         if url is None:
             raise NotLeader(f"no reachable leader known (leader {leader!r})", leader)
         return url

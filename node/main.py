@@ -59,6 +59,7 @@ def raft_options(cfg: NodeConfig) -> RaftCoreOptions:
         durable=cfg.durable,
         max_map_size=cfg.max_map_size,
         maintenance_period_s=cfg.maintenance_period_s,
+        http_url=cfg.public_url,
     )
 
 

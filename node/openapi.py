@@ -334,6 +334,12 @@ SCHEMAS: dict[str, Schema] = {
             "has_quorum": {"type": "boolean"},
             "ready": {"type": "boolean"},
             "peers": {"type": "object"},
+            "leader_contact_ms": nullable(
+                {
+                    "type": "integer",
+                    "description": "ms since this node last heard the leader (0 on the leader)",
+                }
+            ),
         },
         (
             "node_id",

@@ -54,6 +54,9 @@ class RaftStatus:
     has_quorum: bool
     ready: bool
     peers: dict[str, Any] = field(default_factory=dict)
+    leader_contact_ms: int | None = None
+    """Milliseconds since this node last heard the leader's append entries (0 on the leader;
+    None when it never heard one since it started)."""
 
 
 class NotLeader(CacheError):

@@ -6,7 +6,7 @@ One LMDB environment (a directory) with named sub-databases:
 db           key                                              value
 ============ ================================================ ===================================
 ``meta``     ``applied_index``, ``next_id``, ``config_index``  u64 / msgpack
-             ``schema``
+             ``schema``; ``member:`` + Raft address            a member's HTTP URL (``Advertise``)
 ``entries``  id (u64 big-endian)                              msgpack entry record (no vector)
 ``vectors``  id                                               float32 little-endian bytes
 ``exact``    tenant NUL exact_key (32 bytes)                  id
@@ -86,6 +86,8 @@ DB_NAMES = (
 )
 REOPEN_CHECK_S = 1.0
 """How often a read-only store checks whether its directory was replaced by a snapshot."""
+MEMBER_PREFIX = b"member:"
+"""Prefix of ``meta`` keys holding members' HTTP URLs, after it the Raft address."""
 FEED_RETENTION = 100_000
 """Log indexes of change feed kept; a reader further behind rebuilds its indexes instead."""
 OP_REMOVE, OP_ADD = 0, 1
@@ -317,6 +319,17 @@ class Store:
                 return self.applied_index(txn)
         raw = txn.get(b"applied_index", db=self.dbs["meta"])
         return from_u64(raw) if raw else 0
+
+    def member_urls(self) -> dict[str, str]:
+        """Raft address → HTTP URL of every member that advertised itself through the log."""
+        with self.read() as txn, txn.cursor(db=self.dbs["meta"]) as cursor:
+            urls: dict[str, str] = {}
+            if cursor.set_range(MEMBER_PREFIX):
+                for key, value in cursor:
+                    if not key.startswith(MEMBER_PREFIX):
+                        break
+                    urls[key[len(MEMBER_PREFIX) :].decode()] = value.decode()
+            return urls
 
     def config_index(self, txn: Any) -> int:
         """The applied index of the last change to tenants or settings (0: none yet)."""

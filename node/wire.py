@@ -100,6 +100,11 @@ def _check_value(value: Any, path: str, depth: int) -> None:
             _check_text(key, path)
             _check_value(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
+        # Vectors are long lists of numbers: check them without building a path per item.
+        if all(type(item) is float or type(item) is int for item in value):
+            if not all(map(math.isfinite, value)):
+                raise InvalidRequest("numbers must be finite", field=path)
+            return
         for i, item in enumerate(value):
             _check_value(item, f"{path}[{i}]", depth + 1)
     elif not (value is None or isinstance(value, (bool, int))):

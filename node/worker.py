@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -122,6 +124,7 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_refresh_metrics(services))
         report = asyncio.create_task(_report_access(services, proposer, cfg.access_report_period_s))
+        log.info("worker %d: serving", worker_no)
         yield
         task.cancel()
         report.cancel()
@@ -183,6 +186,9 @@ def run(cfg: NodeConfig, worker_no: int) -> None:
     if cfg.tls_cert and cfg.tls_key:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+    # A stop requested while the app is still being built (indexes, embedder) is a clean exit:
+    # nothing is served yet. aiohttp installs its own handler once the app runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     web.run_app(
         build_app(cfg, worker_no),
         host=cfg.host,

@@ -63,8 +63,8 @@ class NodeProcess:
             self.wait_ready()
         return self
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
+    def wait_ready(self, within_s: float = STARTUP_DEADLINE_S) -> None:
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -76,7 +76,7 @@ class NodeProcess:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"node not ready within {STARTUP_DEADLINE_S} s:\n{self.log()}")
+        raise AssertionError(f"node not ready within {within_s} s:\n{self.log()}")
 
     def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None

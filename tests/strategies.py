@@ -103,6 +103,11 @@ COMMANDS: st.SearchStrategy[c.Command] = st.one_of(
     st.builds(c.Noop),
     touches(),
     st.builds(
+        c.Advertise,
+        address=st.sampled_from(["10.0.0.1:7000", "10.0.0.2:7000"]),
+        http_url=st.sampled_from(["http://a:8080", "https://b:8443"]),
+    ),
+    st.builds(
         c.Feedback,
         tenant=TENANTS,
         entry_id=st.integers(1, 40),

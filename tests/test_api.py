@@ -748,6 +748,7 @@ BAD = [
     bad("array body", S, "body", [1]),
     bad("NaN", L, "body", raw=b'{"text":"a","threshold":NaN}'),
     bad("1e400", L, "threshold", raw=b'{"text":"a","threshold":1e400}'),
+    bad("vector 1e400", L, "vector", raw=b'{"text":"a","vector":[0.5,1e400,0.5]}'),
     bad("lone surrogate", S, "text", raw=b'{"text":"\\ud800","response":"r"}'),
     bad("deep", S, "response" + "[0]" * 32, {"text": "a", "response": DEEP}),
     bad("bad msgpack", S, "body", raw=b"\xc1", headers=MP),

@@ -94,6 +94,10 @@ def test_assess_flags_two_leaders_disagreement_and_a_stall() -> None:
     assert problems == ["B (b): applied index stalled at 4 (lag 16)"]
     assert rows[1]["applied_moved"] is False and rows[0]["applied_moved"] is True
 
+    silent = {**healthy, "b": {**healthy["b"], "leader_contact_ms": 4000}}
+    _, problems = assess(silent, silent)
+    assert problems == ["B (b) has not heard the leader for 4000 ms"]
+
     gone = {**after, "c": {"error": "c: refused"}}
     _, problems = assess(gone, gone)
     assert "c is unreachable (c: refused)" in problems
@@ -205,6 +209,8 @@ def test_status_and_transfer_leader(dev: DevCluster) -> None:
     nodes = body["nodes"]
     assert len(nodes) == 3 and all(n["ready"] and n["reachable"] for n in nodes)
     assert sorted(n["role"] for n in nodes) == ["follower", "follower", "leader"]
+    contacts = {n["role"]: n["leader_contact_ms"] for n in nodes}
+    assert contacts["leader"] == 0 and 0 <= contacts["follower"] < 1500
     old, _ = leader_url(body)
     assert {n["leader"] for n in nodes} == {old}
 
@@ -231,6 +237,11 @@ def store(url: str, key: str, request_id: str) -> int:
         return int(call(url, "POST", "/v1/cache/store", body, timeout=30.0).status)
     except Exception:
         return 0
+
+
+def advertised(url: str, address: str) -> str | None:
+    members = call(url, "GET", "/v1/cluster/members").body["members"]
+    return next((m["url"] for m in members if m["address"] == address), None)
 
 
 def readable(url: str, key: str) -> bool:
@@ -278,6 +289,18 @@ def test_membership_add_and_remove_while_writing(dev: DevCluster, tmp_path: Path
         # The new node knows the others' URLs, so status from it finds all four.
         result = dev.cli("cluster", "status", "--json", "--url", fourth.url)
         assert len(json.loads(result.stdout)["nodes"]) == 4, result.stdout
+        # The old nodes learn its URL through the log (no config lists it) ...
+        deadline = time.monotonic() + DEADLINE_S
+        while advertised(urls[0], address) != fourth.url:
+            assert time.monotonic() < deadline, call(urls[0], "GET", "/v1/cluster/members").body
+            time.sleep(0.3)
+        # ... so they forward writes to it when it leads.
+        moved = dev.cli("cluster", "transfer-leader", "--to", address, "--url", urls[0])
+        assert moved.exit_code == 0, moved.output
+        assert store(urls[0], "to-the-fourth", uuid.uuid4().hex) == 201
+        assert readable(fourth.url, "to-the-fourth")
+        away = dev.cli("cluster", "transfer-leader", "--url", fourth.url)
+        assert away.exit_code == 0, away.output
 
         removed = dev.cli("cluster", "remove", address, "--url", urls[1])
         assert removed.exit_code == 0 and f"removed {address}" in removed.stdout, removed.output

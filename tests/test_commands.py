@@ -39,6 +39,8 @@ def _raw(type_code: object, fields: object) -> bytes:
         (_raw(3, {"tenant": "t"}), "at least one filter"),
         (_raw(7, {"tenant": ""}), "bad tenant"),
         (_raw(8, {"namespace": "ns"}), "needs its tenant"),
+        (_raw(12, {"address": "a:1", "http_url": "ftp://x"}), "http"),
+        (_raw(12, {"address": "nohost", "http_url": "http://x"}), "host:port"),
         ([1, 2, 3], None),
     ],
 )

@@ -63,6 +63,10 @@ def test_two_workers_serve_writes_at_once_and_restart_keeps_indexes(
         re.M,
     )
     assert sum(float(n) for _, n in hits) == 6 * len(PAIRS) + len(PAIRS), hits
+    # Ready means one worker answers: let the other finish starting before stopping.
+    deadline = time.monotonic() + 60
+    while node.log().count(": serving") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert node.stop(signal.SIGTERM) == 0
     log = node.log()
     assert log.count("indexes checkpointed") == 2, log

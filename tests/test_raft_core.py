@@ -24,7 +24,7 @@ import pytest
 from llmcache.cluster import commands as c
 from llmcache.cluster.fsm import StateMachine
 from llmcache.cluster.ipc import IpcProposer
-from llmcache.cluster.raft_core import RaftAuthenticator, RaftCoreOptions
+from llmcache.cluster.raft_core import RaftCipher, RaftCoreOptions
 from llmcache.node.errors import RaftUnavailable
 from llmcache.node.proposer import NotLeader, RaftStatus
 from llmcache.node.store import Store
@@ -286,6 +286,10 @@ def test_three_nodes_replicate_redirect_and_hand_over_on_sigterm(
         leader, statuses = await wait_leader(nodes)
         assert all(s.has_quorum for s in statuses)
         leader_status = next(s for s in statuses if s.node_id == leader.address)
+        assert leader_status.leader_contact_ms == 0
+        # Followers hear the leader's heartbeats every 0.1 s: far below an election timeout.
+        contacts = [s.leader_contact_ms for s in statuses if s is not leader_status]
+        assert all(c is not None and c < 1500 for c in contacts), contacts
         assert set(leader_status.peers) == {n.address for n in nodes if n is not leader}
         assert all(p["connected"] for p in leader_status.peers.values())
         await wait_default_tenant(leader)
@@ -378,17 +382,24 @@ def test_a_peer_with_another_password_is_kept_out(
     asyncio.run(scenario())
 
 
-def test_the_authenticator_rejects_tampered_and_foreign_frames() -> None:
-    auth, other = RaftAuthenticator("secret"), RaftAuthenticator("other secret")
-    token = auth.encrypt_at_time(b"payload", 1234)
-    assert auth.extract_timestamp(token) == 1234 and auth.decrypt(token) == b"payload"
-    tampered = bytearray(token)
-    tampered[10] ^= 1
-    for bad in (bytes(tampered), token[:-1], token[:20], other.encrypt_at_time(b"payload", 1)):
-        with pytest.raises(ValueError):
-            auth.decrypt(bad)
-        with pytest.raises(ValueError):
-            auth.extract_timestamp(bad)
+def test_the_cipher_encrypts_and_rejects_tampered_and_foreign_frames() -> None:
+    sender, receiver = RaftCipher("secret"), RaftCipher("secret")
+    other = RaftCipher("other secret")
+    payload = b"a cached answer that must not cross the wire in clear " * 4
+    token = sender.encrypt_at_time(payload, 1234)
+    assert b"cached answer" not in token
+    assert receiver.extract_timestamp(token) == 1234 and receiver.decrypt(token) == payload
+    # Nonces never repeat: the same payload twice gives two different frames.
+    again = sender.encrypt_at_time(payload, 1234)
+    assert again != token and receiver.decrypt(again) == payload
+    for i in (0, 10, 30, len(token) - 1):  # time, salt, nonce, tag: all authenticated
+        tampered = bytearray(token)
+        tampered[i] ^= 1
+        for bad in (bytes(tampered), token[:-1], token[:20], other.encrypt_at_time(payload, 1)):
+            with pytest.raises(ValueError):
+                RaftCipher("secret").decrypt(bad)
+            with pytest.raises(ValueError):
+                receiver.extract_timestamp(bad)
 
 
 # -- refusals -----------------------------------------------------------------------------------

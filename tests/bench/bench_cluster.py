@@ -177,7 +177,7 @@ def catch_up(cluster: ClusterProcess) -> dict[str, Any]:
     seen = len(follower.log())
     started = time.monotonic()
     follower.start(wait=False)
-    follower.wait_ready()
+    follower.wait_ready(within_s=1800)
     ready_s = time.monotonic() - started
     deadline = started + 1800
     applied = 0
@@ -235,7 +235,7 @@ def main() -> None:
             cluster.crash(node)
         shutil.rmtree(root, ignore_errors=True)
     results["loadavg_after"] = os.getloadavg()
-    gaps = [f["write_gap_s"] for f in results["failover"]]
+    gaps = [f["write_gap_s"] for f in results["failover"]] or [float("nan")]
     print(f"load average before {results['loadavg_before']}, after {results['loadavg_after']}")
     print(
         f"targets: puts/s {results['puts']['puts_per_s']:,.0f} (target >= 1,500); failover "
