@@ -1,9 +1,10 @@
-"""``llmcache-cli``: operate an LLM-Cache cluster over its HTTP API.
+"""``llmcache-cli``: use and operate LLM-Cache over its HTTP API.
 
-Commands: ``cluster status``, ``cluster add``, ``cluster remove``, ``cluster transfer-leader``
-and ``dev-cluster``. Output is for humans unless ``--json`` is given (one JSON document on
+Commands here: ``cluster status``, ``cluster add``, ``cluster remove``, ``cluster
+transfer-leader`` and ``dev-cluster``; ``commands.py`` adds ``cache``, ``tenant``, ``export``,
+``import`` and ``bench``. Output is for humans unless ``--json`` is given (one JSON document on
 stdout). Exit codes: 0 ok/healthy; 1 the cluster is unhealthy or the node refused the operation;
-2 a usage error or no node could be reached.
+2 a usage error or no node could be reached; 3 a ``cache lookup`` missed.
 
 Which nodes are asked: the ``--url`` options; without any, ``$LLMCACHE_URL``; else the URLs of
 the local dev cluster from its state file (``$LLMCACHE_DEV_STATE``, else
@@ -32,14 +33,21 @@ from typing import Any
 
 import click
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-DEV_STATE_NAME = "dev-cluster.json"
-DEFAULT_DEV_DIR = Path("llmcache-dev")
+from llmcache.client import commands
+from llmcache.client.targets import (
+    DEFAULT_DEV_DIR,
+    DEV_STATE_NAME,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+    fail,
+    seed_urls,
+)
+
 MAX_NODES = 64
 """A bound on discovery: more members than this are not asked."""
 RAFT_PORT_OFFSET = 100
 """dev-cluster: node i listens for HTTP on base_port + i and for Raft on base_port + 100 + i."""
-EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 
 
 class Unreachable(Exception):
@@ -89,24 +97,6 @@ def call(
         return Answer(status, json.loads(raw) if raw else None)
     except ValueError:
         return Answer(status, raw.decode(errors="replace"))
-
-
-def dev_state_path() -> Path:
-    return Path(os.environ.get("LLMCACHE_DEV_STATE") or DEFAULT_DEV_DIR / DEV_STATE_NAME)
-
-
-def seed_urls(urls: Iterable[str]) -> list[str]:
-    """The nodes to start from (see the module docstring for the order of sources)."""
-    given = [u.rstrip("/") for u in urls]
-    if given:
-        return given
-    if os.environ.get("LLMCACHE_URL"):
-        return [os.environ["LLMCACHE_URL"].rstrip("/")]
-    try:
-        state = json.loads(dev_state_path().read_text())
-        return [str(node["url"]) for node in state["nodes"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [DEFAULT_URL]
 
 
 def discover(seeds: list[str], token: str | None) -> list[str]:
@@ -268,16 +258,12 @@ token_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 
 
-def fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Operate an LLM-Cache cluster. Exit codes: 0 ok, 1 unhealthy or refused, 2 usage or
-    connection error. Nodes: --url, else $LLMCACHE_URL, else the local dev cluster's state
-    file ($LLMCACHE_DEV_STATE or ./llmcache-dev/dev-cluster.json), else http://127.0.0.1:8080."""
+    """Use and operate LLM-Cache. Exit codes: 0 ok, 1 unhealthy or refused by the server,
+    2 usage or connection error, 3 lookup miss. Nodes: --url, else $LLMCACHE_URL, else the
+    local dev cluster's state file ($LLMCACHE_DEV_STATE or ./llmcache-dev/dev-cluster.json),
+    else http://127.0.0.1:8080."""
 
 
 @main.group()
@@ -538,6 +524,13 @@ def dev_cluster(
     click.echo("stopped")
 
 
+for command in commands.COMMANDS:
+    main.add_command(command)
+
 from llmcache.client.quality_cli import register  # noqa: E402 (after main is defined)
 
 register(main)
+
+
+if __name__ == "__main__":
+    main()

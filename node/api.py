@@ -32,6 +32,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -40,12 +41,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import numpy as np
 from aiohttp import web
 
 from llmcache.cluster import commands as c
 from llmcache.node import auth, forwarding, keys, limits, metrics, openapi, policy, wire
 from llmcache.node.consistency import CONSISTENCY, READ_WAIT_S
-from llmcache.node.engine import Engine, Hit, LookupResult
+from llmcache.node.embed import validate_vector
+from llmcache.node.engine import Engine, Hit, LookupResult, check_meta, check_tags, check_usage
 from llmcache.node.errors import (
     CacheError,
     Conflict,
@@ -53,6 +56,7 @@ from llmcache.node.errors import (
     NotCacheable,
     NotFound,
     NotReady,
+    OversizeInput,
     UnknownTenant,
 )
 from llmcache.node.proposer import WAITS, NotLeader, Proposal, RaftStatus, Wait
@@ -284,9 +288,13 @@ def _namespace(data: dict[str, Any], header: str | None) -> str:
 # -- views -------------------------------------------------------------------------------------
 
 
-def entry_view(entry: Entry, now_ms: int) -> dict[str, Any]:
+def entry_view(
+    entry: Entry, now_ms: int, *, full: bool = False, vector: np.ndarray | None = None
+) -> dict[str, Any]:
     """An entry as the API shows it: ``response`` when it is UTF-8 text, else
-    ``response_base64``."""
+    ``response_base64``. ``full`` (``full=1`` listings, for export) adds what
+    :func:`import_entries` needs to rebuild it: ``scope``, ``prompt``, ``embedder`` and, for a
+    prompt entry, ``vector_base64`` (its ``vector``: little-endian float32, as stored)."""
     view: dict[str, Any] = {
         "id": entry.id,
         "namespace": entry.namespace,
@@ -305,6 +313,10 @@ def entry_view(entry: Entry, now_ms: int) -> dict[str, Any]:
         view["response"] = entry.response.decode("utf-8")
     except UnicodeDecodeError:
         view["response_base64"] = base64.b64encode(entry.response).decode()
+    if full:
+        view.update(scope=entry.scope, prompt=entry.prompt, embedder=entry.embedder)
+        if vector is not None:
+            view["vector_base64"] = base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return view
 
 
@@ -602,6 +614,7 @@ def _list_entries(
     kind: str | None,
     limit: int,
     cursor: int,
+    full: bool = False,
 ) -> tuple[list[dict[str, Any]], int | None]:
     store = engine.store
     now = engine.now_ms()
@@ -625,7 +638,8 @@ def _list_entries(
                 or (kind is not None and entry.kind != kind)
             ):
                 continue
-            found.append(entry_view(entry, now))
+            vector = store.vector(txn, last) if full and entry.kind == "prompt" else None
+            found.append(entry_view(entry, now, full=full, vector=vector))
             if len(found) == limit:
                 return found, last
     return found, None
@@ -650,8 +664,118 @@ async def list_entries(request: web.Request) -> web.Response:
         kind=kind,
         limit=wire.query_int(request, "limit", 100, 1, 1000),
         cursor=wire.query_int(request, "cursor", 0, 0, 2**63 - 1),
+        full=wire.query_int(request, "full", 0, 0, 1) == 1,
     )
     return wire.respond(request, {"entries": entries, "next_cursor": next_cursor})
+
+
+IMPORT_FIELDS = (
+    "namespace", "kind", "key", "text", "prompt", "scope", "embedder", "vector_base64",
+    "response", "response_base64", "content_type", "created_at_ms", "expires_at_ms", "tags",
+    "usage", "meta",
+)  # fmt: skip
+
+
+def _imported_put(tenant: str, record: dict[str, Any], now_ms: int) -> c.Put | None:
+    """The ``Put`` that recreates an exported entry (a ``full=1`` view) in ``tenant`` with its
+    own timestamps, vector and response; ``None`` when it has expired since. The exact key is
+    recomputed (never trusted), and the request id is derived from what identifies the entry,
+    so importing the same entry twice within the log's dedup window applies once, and later
+    replaces it with itself."""
+    wire.known(record, IMPORT_FIELDS)
+    namespace = wire.name(wire.require(record, "namespace", str), "namespace")
+    kind = wire.choice(wire.require(record, "kind", str), "kind", ("prompt", "kv"))
+    created = wire.require(record, "created_at_ms", int)
+    expires = wire.get(record, "expires_at_ms", int, 0)
+    if not (0 <= created < 2**63 and 0 <= expires < 2**63):
+        raise InvalidRequest("timestamps are from 0 to 2**63-1", field="created_at_ms")
+    if expires and expires <= now_ms:
+        return None
+    response, content_type = _response_bytes(record)
+    if len(response) > limits.MAX_RESPONSE_BYTES:
+        raise InvalidRequest("the response is too large", field="response")
+    fields: dict[str, Any] = {"kind": kind}
+    if kind == "kv":
+        key = wire.require(record, "key", str)
+        if not 0 < len(key) <= limits.MAX_KEY_LEN:
+            raise InvalidRequest(f"key is 1-{limits.MAX_KEY_LEN} characters", field="key")
+        fields.update(key=key, scope="kv", exact_key=keys.kv_key(tenant, namespace, key))
+    else:
+        scope = wire.require(record, "scope", str)
+        prompt = wire.require(record, "prompt", str)
+        if len(scope) > 128 or len(prompt) > limits.MAX_PROMPT_CHARS:
+            raise InvalidRequest("scope or prompt is too long", field="prompt")
+        try:
+            raw = base64.b64decode(wire.require(record, "vector_base64", str), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("vector_base64 is not base64", field="vector_base64") from None
+        if not raw or len(raw) % 4:
+            raise InvalidRequest("vector_base64 is not float32", field="vector_base64")
+        vector = np.frombuffer(raw, dtype="<f4")
+        # Checked (finite, not empty, dimension) but kept bit for bit: a renormalised copy could
+        # move similarities in their last digits, and an import must answer like the original.
+        validate_vector(vector, None, field="vector_base64")
+        if abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+            raise InvalidRequest("vector_base64 is not a unit vector", field="vector_base64")
+        fields.update(
+            scope=scope,
+            prompt=prompt,
+            text=wire.get(record, "text", str, ""),
+            exact_key=keys.exact_key(tenant, namespace, scope, prompt),
+            vector=raw,
+            embedder=wire.require(record, "embedder", str),
+            dim=len(vector),
+        )
+    identity = keys.canonical_json([tenant, namespace, fields["exact_key"].hex(), created])
+    return c.Put(
+        tenant=tenant,
+        namespace=namespace,
+        response=response,
+        content_type=content_type,
+        created_at_ms=created,
+        expires_at_ms=expires,
+        tags=check_tags(wire.str_list(record, "tags") or ()),
+        usage=check_usage(wire.get(record, "usage", dict, {})),
+        meta=check_meta(wire.get(record, "meta", dict, {})),
+        request_id="import:" + hashlib.sha256(identity.encode()).hexdigest()[:40],
+        ts_ms=now_ms,
+        **fields,
+    )
+
+
+@routes.post("/v1/cache/import")
+async def import_entries(request: web.Request) -> web.Response:
+    """Recreate exported entries (``GET /v1/cache/entries?full=1`` views) in a tenant, keeping
+    their timestamps, vectors and responses (ids are the target's own). Idempotent: see
+    :func:`_imported_put`. Admin role of the tenant; at most ``limits.MAX_BATCH`` entries."""
+    engine = _services(request).engine
+    data = await wire.read_body(request)
+    wire.known(data, ("tenant", "entries", "wait"))
+    tenant = await _tenant(request, "admin", wire.get(data, "tenant", str, None))
+    records = wire.require(data, "entries", list)
+    if len(records) > limits.MAX_BATCH:
+        raise OversizeInput(f"at most {limits.MAX_BATCH} entries per call", field="entries")
+    wait = _wait(data)
+    now = engine.now_ms()
+    puts: list[c.Put] = []
+    for i, record in enumerate(records):
+        with _prefixed(f"entries[{i}]"):
+            if not isinstance(record, dict):
+                raise InvalidRequest("an entry is an object", field=None)
+            put = _imported_put(tenant, record, now)
+        if put is not None:
+            puts.append(put)
+    await _redirect_if_follower(request)
+    proposals = await asyncio.gather(*(_propose(request, put, wait) for put in puts))
+    duplicates = sum("duplicate_of" in _applied(p) for p in proposals)
+    body = {
+        "imported": len(puts) - duplicates,
+        "duplicates": duplicates,
+        "expired": len(records) - len(puts),
+        "index": max((p.index for p in proposals), default=0),
+    }
+    headers = _proposal_headers(proposals[-1]) if proposals else None
+    return wire.respond(request, body, headers=headers)
 
 
 def _entry_id(request: web.Request) -> int:

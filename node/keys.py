@@ -102,8 +102,13 @@ def _make(
             field=field,
         )
     scope = hashlib.sha256(canonical_json([kind, scope_parts]).encode()).hexdigest()
-    exact = _sha256([tenant, namespace, scope, prompt])
+    exact = exact_key(tenant, namespace, scope, prompt)
     return CacheKey(tenant, namespace, scope, exact, text, prompt)
+
+
+def exact_key(tenant: str, namespace: str, scope: str, prompt: str) -> bytes:
+    """The exact key of a prompt entry (export/import recompute it rather than trust it)."""
+    return _sha256([tenant, namespace, scope, prompt])
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:

@@ -137,6 +137,13 @@ SCHEMAS: dict[str, Schema] = {
             "text": {"type": "string", "description": "The embedded text (prompt entries)."},
             "response": {"type": "string", "description": "The response, when it is UTF-8."},
             "response_base64": {"type": "string", "description": "The response otherwise."},
+            "scope": {"type": "string", "description": "full=1: the scope hash."},
+            "prompt": {"type": "string", "description": "full=1: what the exact key covers."},
+            "embedder": {"type": "string", "description": "full=1: the vector's embedder."},
+            "vector_base64": {
+                "type": "string",
+                "description": "full=1, prompt entries: the vector, little-endian float32.",
+            },
             "content_type": {"type": "string"},
             "created_at_ms": {"type": "integer"},
             "expires_at_ms": {"type": "integer", "description": "0: never expires."},
@@ -455,6 +462,52 @@ SCHEMAS["StoreRequest"] = obj(
     ],
 )
 
+_B64 = {
+    "type": "string",
+    "contentEncoding": "base64",
+    "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+}
+SCHEMAS["ImportedEntry"] = obj(
+    {
+        "namespace": NAME,
+        "kind": {"type": "string", "enum": ["prompt", "kv"]},
+        "key": _str(limits.MAX_KEY_LEN),
+        "text": {"type": "string"},
+        "prompt": _str(limits.MAX_PROMPT_CHARS),
+        "scope": _str(128),
+        "embedder": {"type": "string"},
+        "vector_base64": _B64,
+        "response": {"type": "string"},
+        "response_base64": _B64,
+        "content_type": _str(255, minLength=1, pattern="^[ -~]+$"),
+        "created_at_ms": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+        "expires_at_ms": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+        "tags": TAGS,
+        "usage": SCHEMAS["StoreRequest"]["properties"]["usage"],
+        "meta": SCHEMAS["StoreRequest"]["properties"]["meta"],
+    },
+    ("namespace", "kind", "created_at_ms"),
+    description="An entry as GET /v1/cache/entries?full=1 shows it, less id and age_s. A kv "
+    "entry needs key; a prompt entry scope, prompt, embedder and a unit vector_base64.",
+)
+SCHEMAS["ImportRequest"] = obj(
+    {
+        "tenant": TENANT,
+        "entries": {"type": "array", "maxItems": limits.MAX_BATCH, "items": ref("ImportedEntry")},
+        "wait": WAIT,
+    },
+    ("entries",),
+)
+SCHEMAS["ImportAnswer"] = obj(
+    {
+        "imported": {"type": "integer", "minimum": 0},
+        "duplicates": {"type": "integer", "minimum": 0, "description": "Imported before."},
+        "expired": {"type": "integer", "minimum": 0, "description": "Skipped: expired."},
+        "index": INDEX,
+    },
+    ("imported", "duplicates", "expired", "index"),
+)
+
 
 def _content(schema: Schema) -> Schema:
     return {JSON: {"schema": schema}, MSGPACK: {"schema": schema}}
@@ -607,9 +660,24 @@ def paths() -> dict[str, Schema]:
                         {"type": "integer", "minimum": 0, "maximum": MAX_ID},
                         "The last id seen.",
                     ),
+                    _query(
+                        "full",
+                        {"type": "integer", "enum": [0, 1]},
+                        "1: add scope, prompt, embedder and vector_base64 (for export).",
+                    ),
                 ],
                 description="Reader role. A page may be short (even empty) with a next_cursor: "
                 "one page examines at most 10,000 entries.",
+            )
+        },
+        "/v1/cache/import": {
+            "post": _op(
+                "Recreate exported entries, keeping timestamps, vectors and responses",
+                _answer("200", "ImportAnswer", "Applied as wait says.", WRITE_HEADERS),
+                requestBody=_body("ImportRequest"),
+                description="Admin role of the tenant. Idempotent: an entry's request id derives "
+                "from its tenant, namespace, exact key and created_at_ms. Expired entries are "
+                "skipped; ids are the target's own.",
             )
         },
         "/v1/cache/entries/{id}": {
