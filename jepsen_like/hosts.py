@@ -20,7 +20,9 @@ import contextlib
 import random
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "lcj"
 
@@ -181,10 +183,14 @@ def make_hosts(run_id: str, size: int, kind: str = "auto") -> Hosts:
 
 
 def cleanup(prefix: str = PREFIX) -> list[str]:
-    """Remove every namespace and link whose name starts with ``prefix`` (leftovers of
-    crashed runs); the names removed. Processes are not touched here: a run kills its own
-    by PID, and a node whose namespace is gone has no network left."""
+    """Remove every namespace, link and data dir (``$TMPDIR/<prefix>data-*``) whose name
+    starts with ``prefix`` (leftovers of crashed runs); the names removed. Processes are not
+    touched here: a run kills its own by PID, and a node whose namespace is gone has no
+    network left."""
     removed: list[str] = []
+    for leftover in Path(tempfile.gettempdir()).glob(f"{prefix}data-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(str(leftover))
     if not shutil.which("ip"):
         return removed
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():

@@ -59,9 +59,11 @@ def tree(pid: int) -> list[int]:
 class Node:
     """One member: a host, a data dir, a log file, and the process when it runs."""
 
-    def __init__(self, host: Host, root: Path, cluster: Cluster) -> None:
+    def __init__(self, host: Host, root: Path, data_dir: Path, cluster: Cluster) -> None:
         self.host = host
         self.root = root
+        self.data_dir = data_dir
+        """Short, under the temp dir: the Unix socket inside must fit in 108 bytes."""
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self.skew: str | None = None
@@ -71,10 +73,6 @@ class Node:
     @property
     def name(self) -> str:
         return f"n{self.host.index}"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def log_path(self) -> Path:
@@ -216,12 +214,17 @@ class Cluster:
     (started later by a membership nemesis)."""
 
     def __init__(
-        self, hosts: list[Host], root: Path, members: int, env: dict[str, str] | None = None
+        self,
+        hosts: list[Host],
+        root: Path,
+        data_root: Path,
+        members: int,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.password = secrets.token_urlsafe(16)
         self.token = secrets.token_urlsafe(16)
         self.env = env or {}
-        self.nodes = [Node(h, root / f"n{h.index}", self) for h in hosts]
+        self.nodes = [Node(h, root / f"n{h.index}", data_root / f"n{h.index}", self) for h in hosts]
         self.members = self.nodes[:members]
 
     def start(self) -> None:

@@ -2,7 +2,8 @@
 final reads, checkers, report in ``store/<test>/<time>/``.
 
 The report directory holds ``history.jsonl``, ``results.json``, ``latency.png`` and every
-node's ``n*/node.log`` (data directories are removed at the end unless ``keep_data``).
+node's ``n*/node.log``. Data directories live in ``$TMPDIR/lcjdata-<run id>/`` (the Unix
+socket inside must have a short path) and are removed at the end unless ``keep_data``.
 Whatever happens (an exception, Ctrl-C, SIGTERM), the nodes this run started are killed by
 PID and its namespaces and links removed; atexit covers an interpreter that exits otherwise.
 """
@@ -15,6 +16,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ from types import FrameType
 from typing import Any
 
 from jepsen_like import checkers, history, nemesis, plots
-from jepsen_like.hosts import Hosts, make_hosts
+from jepsen_like.hosts import PREFIX, Hosts, make_hosts
 from jepsen_like.nodes import Cluster, kill_started
 from jepsen_like.workloads import WORKLOADS, client_loop
 
@@ -51,6 +53,8 @@ class Spec:
     expect_invalid: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     hosts: str = "auto"
+    expect_snapshot: bool = False
+    """The nemesis's victims must have caught up by installing a (checksummed) snapshot."""
 
 
 _CLEANUPS: list[Hosts] = []
@@ -90,6 +94,22 @@ def converge(cluster: Cluster) -> dict[str, Any]:
     return {"valid": False, "reason": "applied indexes never met", "states": states}
 
 
+def snapshot_installed(cluster: Cluster, hist: history.History) -> dict[str, Any]:
+    """Every node a nemesis hit logged that it installed a snapshot (verified by its
+    manifest's checksums before use, see cluster/snapshot.py)."""
+    victims = {
+        name
+        for e in hist.events
+        if e["type"] == "nemesis" and e["phase"] == "start"
+        for name in str(e["detail"]).split()
+    }
+    nodes = [n for n in cluster.members if n.name in victims]
+    installed = {
+        n.name: "installed snapshot" in n.log_path.read_text(errors="replace") for n in nodes
+    }
+    return {"valid": bool(installed) and all(installed.values()), "installed": installed}
+
+
 def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dict[str, Any]:
     """Run ``spec``; the results (also written to ``results.json``), ``valid`` overall."""
     install_handlers()
@@ -102,9 +122,10 @@ def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dic
     nemesis.check_supported(spec.nemesis, hosts)
     hist = history.History()
     _CLEANUPS.append(hosts)
+    data_root = Path(tempfile.gettempdir()) / f"{PREFIX}data-{run_id}"
     results: dict[str, Any] = {"spec": asdict(spec), "hosts": hosts.kind, "dir": str(out)}
     try:
-        cluster = Cluster(hosts.open(), out, spec.nodes, spec.env)
+        cluster = Cluster(hosts.open(), out, data_root, spec.nodes, spec.env)
         cluster.start()
         if cluster.leader(deadline_s=60.0) is None:
             raise RuntimeError("the cluster elected no leader")
@@ -139,6 +160,8 @@ def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dic
         results["nemesis_errors"] = schedule.errors
         results["checks"] = check(spec, hist, workload.final, end, out)
         results["checks"]["convergence"] = converge(cluster)
+        if spec.expect_snapshot:
+            results["checks"]["snapshot"] = snapshot_installed(cluster, hist)
     except Exception as exc:
         results["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -147,9 +170,10 @@ def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dic
         _cleanup()
         results["valid"] = verdict(spec, results)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        if not keep_data:
-            for data in out.glob("n*/data"):
-                shutil.rmtree(data, ignore_errors=True)
+        if keep_data:
+            shutil.move(data_root, out / "data")
+        else:
+            shutil.rmtree(data_root, ignore_errors=True)
     return results
 
 

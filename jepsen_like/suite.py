@@ -33,7 +33,7 @@ def standard(time_limit: float = 40.0) -> dict[int, Spec]:
         4: Spec("04-kill-leader", nemesis=["kill-leader"], workload="set", time_limit=t),
         5: Spec("05-kill-all", nemesis=["kill-all"], workload="set", time_limit=t),
         6: Spec("06-wipe-follower", nemesis=["wipe-follower"], workload="set", time_limit=t,
-                env=SNAPSHOTS),
+                env=SNAPSHOTS, expect_snapshot=True),
         7: Spec("07-pause-leader", nemesis=["pause-leader"], consistency="linearizable",
                 time_limit=t, interval_s=5.0, schedule="alternating"),
         8: Spec("08-bridge-5", nodes=5, nemesis=["partition-bridge"], time_limit=t),
