@@ -45,9 +45,9 @@ class History:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def _add(self, event: dict[str, Any]) -> dict[str, Any]:
+    def _add(self, event: dict[str, Any], at: float | None = None) -> dict[str, Any]:
         with self._lock:
-            event["time"] = self.now()
+            event["time"] = self.now() if at is None else at
             event["seq"] = len(self.events)
             self.events.append(event)
         return event
@@ -71,8 +71,9 @@ class History:
             }
         )
 
-    def nemesis(self, phase: str, name: str, detail: str = "") -> None:
-        self._add({"type": "nemesis", "phase": phase, "name": name, "detail": detail})
+    def nemesis(self, phase: str, name: str, detail: str = "", at: float | None = None) -> None:
+        """A fault starting or being healed ``at`` (run time; default now)."""
+        self._add({"type": "nemesis", "phase": phase, "name": name, "detail": detail}, at)
 
     def save(self, path: Path) -> None:
         with path.open("w") as out:

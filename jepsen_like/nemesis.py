@@ -63,10 +63,13 @@ class Nemesis:
             if cut:
                 self.hosts.drop(node.host, cut)
 
-    def restart(self, node: Node) -> None:
-        if not node.running:
-            node.start()
-        node.wait_ready()
+    def restart_all(self) -> None:
+        """Start every member that is down, all before waiting: one alone has no quorum."""
+        for node in self.cluster.members:
+            if not node.running:
+                node.start()
+        for node in self.cluster.members:
+            node.wait_ready()
 
     # -- the faults --
 
@@ -169,8 +172,7 @@ class Nemesis:
                 )
                 spare.kill()
                 return f"remove {spare.name}: {code} {body}"
-        for node in self.cluster.members:
-            self.restart(node)
+        self.restart_all()
         return " ".join(n.name for n in self.victims)
 
 
@@ -245,10 +247,11 @@ class Schedule:
             self._apply(nemesis, "stop")
 
     def _apply(self, nemesis: Nemesis, phase: str) -> None:
+        at = self.history.now()  # the window begins (ends) when injecting (healing) begins
         try:
             detail = nemesis.start() if phase == "start" else nemesis.stop()
             nemesis.active = phase == "start"
-            self.history.nemesis(phase, nemesis.name, detail)
+            self.history.nemesis(phase, nemesis.name, detail, at)
         except Exception as exc:  # a failed fault is recorded, the run goes on
             message = f"{nemesis.name} {phase}: {type(exc).__name__}: {exc}"
             self.errors.append(message)
