@@ -33,8 +33,12 @@ NETWORK = {
 class Nemesis:
     """One kind of fault. ``start`` injects it (returning what it did), ``stop`` heals it."""
 
-    def __init__(self, name: str, cluster: Cluster, hosts: Hosts, history: History) -> None:
+    def __init__(
+        self, name: str, cluster: Cluster, hosts: Hosts, history: History, seed: int = 0
+    ) -> None:
         self.name = name
+        self.rng = random.Random(seed)
+        """Which node a fault picks: the same for the same seed (and the same leaders)."""
         self.cluster = cluster
         self.hosts = hosts
         self.history = history
@@ -81,13 +85,13 @@ class Nemesis:
             self.partition([[leader], [n for n in members if n is not leader]])
             self.victims = [leader]
         elif name == "partition-majority":
-            shuffled = random.sample(members, len(members))
+            shuffled = self.rng.sample(members, len(members))
             half = len(members) // 2
             self.partition([shuffled[:half], shuffled[half:]])
             self.victims = shuffled[:half]
         elif name == "partition-bridge":
             # Two halves that each see one bridge node, which sees everyone.
-            shuffled = random.sample(members, len(members))
+            shuffled = self.rng.sample(members, len(members))
             mid = len(members) // 2
             bridge = shuffled[mid]
             self.partition([shuffled[: mid + 1], shuffled[mid:]])
@@ -104,9 +108,9 @@ class Nemesis:
         elif name in ("kill-leader", "kill-node", "kill-all", "wipe-follower"):
             targets = {
                 "kill-leader": lambda: [self.leader()],
-                "kill-node": lambda: [random.choice(members)],
+                "kill-node": lambda: [self.rng.choice(members)],
                 "kill-all": lambda: list(members),
-                "wipe-follower": lambda: [random.choice(self.followers())],
+                "wipe-follower": lambda: [self.rng.choice(self.followers())],
             }[name]()
             for node in targets:
                 node.kill()
@@ -118,9 +122,9 @@ class Nemesis:
             leader.signal(signal.SIGSTOP)
             self.victims = [leader]
         elif name == "skew":
-            node = random.choice(self.followers())
+            node = self.rng.choice(self.followers())
             node.kill()
-            node.skew = random.choice(["+1h", "-1h"])
+            node.skew_s = self.rng.choice([3600.0, -3600.0])
             node.start()
             node.wait_ready()
             self.victims = [node]
@@ -161,7 +165,7 @@ class Nemesis:
         elif name == "skew":
             for node in self.victims:
                 node.kill()
-                node.skew = None
+                node.skew_s = 0.0
                 node.start()
                 node.wait_ready()
         elif name == "membership":

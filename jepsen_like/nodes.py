@@ -26,6 +26,7 @@ STARTED: dict[int, subprocess.Popen[bytes]] = {}
 """pid → supervisor process of every node started and not yet reaped."""
 
 READY_DEADLINE_S = 90.0
+SKEW_DIR = Path(__file__).parent / "skew"
 
 
 def kill_started() -> None:
@@ -66,8 +67,8 @@ class Node:
         """Short, under the temp dir: the Unix socket inside must fit in 108 bytes."""
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
-        self.skew: str | None = None
-        """A faketime offset (``+1h``) applied at the next start."""
+        self.skew_s = 0.0
+        """Wall-clock offset (seconds) applied from the next start (see skew/sitecustomize.py)."""
         root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -85,8 +86,6 @@ class Node:
             "--raft-port", str(self.host.raft_port), "--data-dir", str(self.data_dir),
             "--workers", "1",
         ]  # fmt: skip
-        if self.skew:
-            cmd = ["faketime", "-f", self.skew, *cmd]
         return self.host.wrap(cmd)
 
     def start(self) -> None:
@@ -97,12 +96,14 @@ class Node:
             "LLMCACHE_RAFT_PASSWORD": self.cluster.password,
             "LLMCACHE_ADMIN_TOKEN": self.cluster.token,
             "LLMCACHE_EMBEDDER": "none",
-            # Monotonic time stays real under faketime: only wall-clock decisions are skewed.
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
             **self.cluster.env,
         }
+        if self.skew_s:
+            path = [str(SKEW_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env |= {"PYTHONPATH": os.pathsep.join(path), "LCJ_CLOCK_OFFSET_S": str(self.skew_s)}
         with self.log_path.open("ab") as log:
-            log.write(f"\n=== start {time.time():.3f} {' '.join(self.command())}\n".encode())
+            skew = f" (clock {self.skew_s:+g} s)" if self.skew_s else ""
+            log.write(f"\n=== start {time.time():.3f}{skew} {' '.join(self.command())}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env

@@ -130,7 +130,7 @@ def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dic
         if cluster.leader(deadline_s=60.0) is None:
             raise RuntimeError("the cluster elected no leader")
         workload = WORKLOADS[spec.workload](cluster, hist, spec.seed, spec.consistency)
-        nemeses = [nemesis.Nemesis(n, cluster, hosts, hist) for n in spec.nemesis]
+        nemeses = [nemesis.Nemesis(n, cluster, hosts, hist, spec.seed) for n in spec.nemesis]
         schedule = nemesis.Schedule(
             nemeses, spec.schedule, spec.time_limit, spec.seed, hist, spec.interval_s
         )
