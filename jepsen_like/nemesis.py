@@ -44,7 +44,6 @@ class Nemesis:
         self.history = history
         self.active = False
         self.victims: list[Node] = []
-        self._round = 0
 
     # -- helpers --
 
@@ -129,13 +128,16 @@ class Nemesis:
             node.wait_ready()
             self.victims = [node]
         elif name == "rolling-restart":
-            # One node per window, in turn; a graceful stop hands leadership over first.
-            node = members[self._round % len(members)]
-            self._round += 1
-            node.stop()
-            node.start()
-            node.wait_ready()
-            self.victims = [node]
+            # Every member in turn, the leader last: its leadership is transferred first
+            # (and a graceful stop would hand it over anyway).
+            leader = self.leader()
+            for node in [*(n for n in members if n is not leader), leader]:
+                if node is leader:
+                    node.request("POST", "/v1/cluster/transfer-leader", {}, 20.0)
+                node.stop()
+                node.start()
+                node.wait_ready()
+            self.victims = list(members)
         elif name == "transfer-leader":
             leader = self.leader()
             code, _, body = leader.request("POST", "/v1/cluster/transfer-leader", {}, 20.0)
@@ -163,11 +165,7 @@ class Nemesis:
             for node in self.victims:
                 node.signal(signal.SIGCONT)
         elif name == "skew":
-            for node in self.victims:
-                node.kill()
-                node.skew_s = 0.0
-                node.start()
-                node.wait_ready()
+            pass  # the skewed clock stays for the final reads: that is when TTLs are compared
         elif name == "membership":
             for spare in self.victims:
                 address = spare.host.raft_address

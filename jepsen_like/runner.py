@@ -53,8 +53,8 @@ class Spec:
     expect_invalid: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     hosts: str = "auto"
-    expect_snapshot: bool = False
-    """The nemesis's victims must have caught up by installing a (checksummed) snapshot."""
+    expect_log: str | None = None
+    """Text every victim of the nemesis must have logged (``victims_logged``)."""
 
 
 _CLEANUPS: list[Hosts] = []
@@ -94,9 +94,24 @@ def converge(cluster: Cluster) -> dict[str, Any]:
     return {"valid": False, "reason": "applied indexes never met", "states": states}
 
 
-def snapshot_installed(cluster: Cluster, hist: history.History) -> dict[str, Any]:
-    """Every node a nemesis hit logged that it installed a snapshot (verified by its
-    manifest's checksums before use, see cluster/snapshot.py)."""
+def one_configuration(cluster: Cluster) -> dict[str, Any]:
+    """Every member's view of the group (``GET /v1/cluster/members``) is the same set: the
+    members the run ended with."""
+    expected = sorted(n.host.raft_address for n in cluster.members)
+    views: dict[str, Any] = {}
+    for node in cluster.members:
+        code, _, body = node.request("GET", "/v1/cluster/members", timeout=10.0)
+        views[node.name] = sorted(m["address"] for m in body["members"]) if code == 200 else code
+    return {
+        "valid": all(v == expected for v in views.values()),
+        "expected": expected,
+        "views": views,
+    }
+
+
+def victims_logged(cluster: Cluster, hist: history.History, text: str) -> dict[str, Any]:
+    """Every member a nemesis hit has ``text`` in its log (e.g. that it installed a snapshot,
+    checksums verified before use, or that it stepped down as leader)."""
     victims = {
         name
         for e in hist.events
@@ -104,10 +119,8 @@ def snapshot_installed(cluster: Cluster, hist: history.History) -> dict[str, Any
         for name in str(e["detail"]).split()
     }
     nodes = [n for n in cluster.members if n.name in victims]
-    installed = {
-        n.name: "installed snapshot" in n.log_path.read_text(errors="replace") for n in nodes
-    }
-    return {"valid": bool(installed) and all(installed.values()), "installed": installed}
+    found = {n.name: text in n.log_path.read_text(errors="replace") for n in nodes}
+    return {"valid": bool(found) and all(found.values()), "looked_for": text, "found": found}
 
 
 def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dict[str, Any]:
@@ -160,8 +173,10 @@ def run(spec: Spec, store: Path = Path("store"), keep_data: bool = False) -> dic
         results["nemesis_errors"] = schedule.errors
         results["checks"] = check(spec, hist, workload.final, end, out)
         results["checks"]["convergence"] = converge(cluster)
-        if spec.expect_snapshot:
-            results["checks"]["snapshot"] = snapshot_installed(cluster, hist)
+        if "membership" in spec.nemesis:
+            results["checks"]["configuration"] = one_configuration(cluster)
+        if spec.expect_log:
+            results["checks"]["victims_logged"] = victims_logged(cluster, hist, spec.expect_log)
     except Exception as exc:
         results["error"] = f"{type(exc).__name__}: {exc}"
         raise

@@ -33,13 +33,14 @@ def standard(time_limit: float = 40.0) -> dict[int, Spec]:
         4: Spec("04-kill-leader", nemesis=["kill-leader"], workload="set", time_limit=t),
         5: Spec("05-kill-all", nemesis=["kill-all"], workload="set", time_limit=t),
         6: Spec("06-wipe-follower", nemesis=["wipe-follower"], workload="set", time_limit=t,
-                env=SNAPSHOTS, expect_snapshot=True),
+                env=SNAPSHOTS, expect_log="installed snapshot"),
         7: Spec("07-pause-leader", nemesis=["pause-leader"], consistency="linearizable",
-                time_limit=t, interval_s=5.0, schedule="alternating"),
+                time_limit=t, interval_s=5.0, schedule="alternating",
+                expect_log="raft role leader -> follower"),
         8: Spec("08-bridge-5", nodes=5, nemesis=["partition-bridge"], time_limit=t),
         9: Spec("09-clock-skew", nemesis=["skew"], workload="cache", time_limit=t),
         10: Spec("10-rolling-restart", nemesis=["rolling-restart"], workload="set",
-                 schedule="alternating", interval_s=4.0, time_limit=t, max_write_gap_s=2.0),
+                 time_limit=max(t, 60.0), max_write_gap_s=2.0),
         11: Spec("11-membership", nemesis=["membership"], workload="set", time_limit=t),
     }  # fmt: skip
 

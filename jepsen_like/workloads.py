@@ -68,7 +68,7 @@ class Workload:
             return classify_error(exc), {"error": type(exc).__name__}
         if code == 201:
             return "ok", answer
-        error = answer.get("error", {}).get("code") if isinstance(answer, dict) else str(code)
+        error = answer.get("error") if isinstance(answer, dict) else str(code)
         return ("fail" if 400 <= code < 500 else "info"), {"error": error, "status": code}
 
     def lookup(self, node: Node, key: str, consistency: str) -> tuple[str, dict[str, Any]]:
@@ -161,18 +161,25 @@ class CacheWorkload(Workload):
             seq = self.history.invoke(process, "invalidate", None, tag, node.name)
             filter_ = {"tags": [tag], "request_id": uuid.uuid4().hex}
             try:
-                code, _, _ = node.request("POST", "/v1/cache/invalidate", filter_, OP_TIMEOUT_S)
+                code, _, body = node.request("POST", "/v1/cache/invalidate", filter_, OP_TIMEOUT_S)
                 kind = "ok" if code == 200 else ("fail" if 400 <= code < 500 else "info")
+                error = (
+                    None
+                    if code == 200
+                    else (body.get("error", {}) if isinstance(body, dict) else code)
+                )
             except (OSError, ValueError) as exc:
-                kind = classify_error(exc)
-            self.history.complete(seq, kind, tag)
+                kind, error = classify_error(exc), type(exc).__name__
+            self.history.complete(seq, kind, tag, error=error)
             return
         ttl = self.short_ttl_s if rng.random() < 0.5 else 0
         key, tag = f"c{n}", f"t{rng.randrange(5)}"
         seq = self.history.invoke(process, "put", key, {"ttl_s": ttl, "tag": tag}, node.name)
-        body: dict[str, Any] = {"key": key, "response": key, "ttl_s": ttl, "tags": [tag]}
-        kind, answer = self.store(node, body | {"request_id": uuid.uuid4().hex})
-        self.history.complete(seq, kind, {"ttl_s": ttl, "tag": tag}, id=answer.get("id"))
+        put: dict[str, Any] = {"key": key, "response": key, "ttl_s": ttl, "tags": [tag]}
+        kind, answer = self.store(node, put | {"request_id": uuid.uuid4().hex})
+        self.history.complete(
+            seq, kind, {"ttl_s": ttl, "tag": tag}, id=answer.get("id"), error=answer.get("error")
+        )
 
     def final_reads(self) -> None:
         time.sleep(self.short_ttl_s * 1.2 + 1)  # every short TTL has passed, jitter included
