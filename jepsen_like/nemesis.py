@@ -121,12 +121,14 @@ class Nemesis:
             leader.signal(signal.SIGSTOP)
             self.victims = [leader]
         elif name == "skew":
-            node = self.rng.choice(self.followers())
-            node.kill()
-            node.skew_s = self.rng.choice([3600.0, -3600.0])
-            node.start()
-            node.wait_ready()
-            self.victims = [node]
+            # One follower an hour ahead and (with two or more) another an hour behind.
+            skewed = self.rng.sample(self.followers(), min(2, len(members) - 1))
+            for node, offset in zip(skewed, (3600.0, -3600.0), strict=False):
+                node.kill()  # one at a time: the group keeps its quorum
+                node.skew_s = offset
+                node.start()
+                node.wait_ready()
+            self.victims = skewed
         elif name == "rolling-restart":
             # Every member in turn, the leader last: its leadership is transferred first
             # (and a graceful stop would hand it over anyway).
