@@ -192,3 +192,24 @@ def test_cache_checker_flags_disagreement_and_expired_entries() -> None:
     result = checkers.cache_checker(ops, bad)
     assert result["valid"] is False
     assert result["expired_but_present"] == ["c1"] and len(result["nodes_disagree"]) == 2
+
+
+def test_schedules_are_bounded_and_random_ones_follow_the_seed() -> None:
+    from typing import Any, cast
+
+    from jepsen_like.nemesis import Nemesis, Schedule
+
+    nemeses = [Nemesis(n, cast(Any, None), cast(Any, None), History()) for n in ("a", "b")]
+
+    def plan(kind: str, seed: int) -> list[tuple[float, float, str]]:
+        schedule = Schedule(nemeses, kind, 120.0, seed, History(), interval_s=10.0)
+        return [(start, length, n.name) for start, length, n in schedule.plan()]
+
+    assert len(plan("single", 1)) == 1
+    assert [name for _, _, name in plan("alternating", 1)][:4] == ["a", "b", "a", "b"]
+    assert plan("random", 5) == plan("random", 5) != plan("random", 6)
+    for kind in ("single", "alternating", "random"):
+        windows = plan(kind, 3)
+        assert all(start > 0 and start + length <= 120.0 for start, length, _ in windows)
+        ends = [start + length for start, length, _ in windows]
+        assert all(end <= nxt for end, (nxt, _, _) in zip(ends, windows[1:], strict=False))
