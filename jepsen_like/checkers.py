@@ -147,10 +147,13 @@ def summarize(ops: list[Op]) -> dict[str, Any]:
     }
 
 
-def cache_checker(ops: list[Op], final: dict[str, dict[str, bool]]) -> dict[str, Any]:
+def cache_checker(ops: list[Op], final: dict[str, Any]) -> dict[str, Any]:
     """``final``: node → {key: present} read once every short TTL had passed. Nodes must
     agree; a short-TTL entry must be gone; an acknowledged long-lived entry whose tag no
-    invalidation (possibly) touched after it was stored must be present."""
+    invalidation (possibly) touched after it was stored must be present. ``final["ttl_probe"]``
+    (node → lookup status of an entry read 1 s after it expired) must be all ``MISS``."""
+    final = dict(final)
+    probe = final.pop("ttl_probe", None)
     puts = {str(op.key): op for op in ops if op.f == "put"}
     invalidations = [op for op in ops if op.f == "invalidate" and op.type != "fail"]
     disagree: list[str] = []
@@ -166,8 +169,10 @@ def cache_checker(ops: list[Op], final: dict[str, dict[str, bool]]) -> dict[str,
         touched = any(inv.value == op.value["tag"] and inv.ret > op.call for inv in invalidations)
         if op.type == "ok" and not op.value["ttl_s"] and not touched and not present:
             lost.append(key)
+    probe_ok = probe is None or set(probe.values()) == {"MISS"}
     return {
-        "valid": not disagree and not expired_seen and not lost,
+        "valid": not disagree and not expired_seen and not lost and probe_ok,
+        "ttl_probe": probe,
         "puts": len(puts),
         "nodes_disagree": disagree[:20],
         "expired_but_present": expired_seen[:20],

@@ -182,6 +182,7 @@ class CacheWorkload(Workload):
         )
 
     def final_reads(self) -> None:
+        self.final["ttl_probe"] = self.ttl_probe()
         time.sleep(self.short_ttl_s * 1.2 + 1)  # every short TTL has passed, jitter included
         keys = sorted({str(e["key"]) for e in self.history.events if e.get("f") == "put"})
         for node in self.cluster.members:
@@ -192,6 +193,24 @@ class CacheWorkload(Workload):
                     raise RuntimeError(f"final read of {key} on {node.name}: {answer}")
                 seen[key] = answer["value"] is not None
             self.final[node.name] = seen
+
+    def ttl_probe(self) -> dict[str, Any]:
+        """An entry with a 2 s TTL stored on the leader, read on every node 3 s later (after
+        each applied it): expired for every client, whatever the reading node's clock."""
+        leader = self.cluster.leader()
+        if leader is None:
+            return {"error": "no leader"}
+        body = {"key": "ttl-probe", "response": "p", "ttl_s": 2}
+        code, _, answer = leader.request("POST", "/v1/cache/store", body, OP_TIMEOUT_S)
+        if code != 201:
+            return {"error": f"probe store: {code} {answer}"}
+        time.sleep(3.0)
+        seen: dict[str, Any] = {}
+        for node in self.cluster.members:
+            read = {"key": "ttl-probe", "min_index": answer["index"]}
+            code, _, found = node.request("POST", "/v1/cache/lookup", read, OP_TIMEOUT_S)
+            seen[node.name] = found.get("status") if code == 200 else code
+        return seen
 
 
 WORKLOADS: dict[str, type[Workload]] = {

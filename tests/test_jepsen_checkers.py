@@ -213,3 +213,11 @@ def test_schedules_are_bounded_and_random_ones_follow_the_seed() -> None:
         assert all(start > 0 and start + length <= 120.0 for start, length, _ in windows)
         ends = [start + length for start, length, _ in windows]
         assert all(end <= nxt for end, (nxt, _, _) in zip(ends, windows[1:], strict=False))
+
+
+def test_cache_checker_rejects_an_expired_probe_seen_on_one_node() -> None:
+    ops = [op("put", "c1", {"ttl_s": 0, "tag": "t0"}, 0, 1)]
+    final: dict[str, object] = {"n0": {"c1": True}, "n1": {"c1": True}}
+    assert checkers.cache_checker(ops, final | {"ttl_probe": {"n0": "MISS", "n1": "MISS"}})["valid"]
+    skewed = checkers.cache_checker(ops, final | {"ttl_probe": {"n0": "MISS", "n1": "HIT"}})
+    assert skewed["valid"] is False and skewed["ttl_probe"]["n1"] == "HIT"
