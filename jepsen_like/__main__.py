@@ -154,6 +154,45 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+KEY_FIGURES = {
+    "linearizable": ("non_linearizable_keys",),
+    "stale_reads": ("stale_reads", "max_staleness_s", "bound_s"),
+    "set": ("acknowledged", "unknown_outcome", "lost_count", "duplicated"),
+    "cache": ("puts", "nodes_disagree", "expired_but_present", "ttl_probe"),
+    "availability": ("max_write_gap_s", "failover_s"),
+    "convergence": ("applied_index",),
+    "configuration": ("expected",),
+    "victims_logged": ("found",),
+}
+
+
+@main.command("report")
+@click.argument("summary", type=click.Path(exists=True, path_type=Path))
+def report_cmd(summary: Path) -> None:
+    """A Markdown table of a suite summary (store/suite-<time>.json)."""
+    data = json.loads(summary.read_text())
+    click.echo("| item | result | checks (key figures) |\n| --- | --- | --- |")
+    for number, item in data.items():
+        if "checks" not in item:  # item 12
+            click.echo(
+                f"| {number} | {'PASS' if item['valid'] else 'FAIL'} | {item['message'][-90:]} |"
+            )
+            continue
+        figures = []
+        for name, check in item["checks"].items():
+            if name in KEY_FIGURES:
+                if name == "availability":
+                    check = check | {"failover_s": [f["next_ack_s"] for f in check["failover"]]}
+                shown = {k: check.get(k) for k in KEY_FIGURES[name] if k in check}
+                mark = "" if check.get("passed", True) else " **FAILED**"
+                expected = " (expected invalid)" if check.get("expected") == "invalid" else ""
+                figures.append(f"{name}{expected}{mark}: {json.dumps(shown, default=str)}")
+        result = "PASS" if item["valid"] else f"FAIL {item.get('error') or ''}"
+        name = Path(str(item.get("dir") or "")).parent.name
+        cell = "<br>".join(figures).replace("|", "/")
+        click.echo(f"| {number} {name} | {result} | {cell} |")
+
+
 @main.command("cleanup")
 @click.option("--prefix", default=hosts.PREFIX, show_default=True)
 def cleanup_cmd(prefix: str) -> None:
