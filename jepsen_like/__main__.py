@@ -161,7 +161,7 @@ KEY_FIGURES = {
     "cache": ("puts", "nodes_disagree", "expired_but_present", "ttl_probe"),
     "availability": ("max_write_gap_s", "failover_s"),
     "convergence": ("applied_index",),
-    "configuration": ("expected",),
+    "configuration": ("members",),
     "victims_logged": ("found",),
 }
 

@@ -44,6 +44,8 @@ class Nemesis:
         self.history = history
         self.active = False
         self.victims: list[Node] = []
+        self.at: float | None = None
+        """When the fault was injected, once its target was found (see ``leader``)."""
 
     # -- helpers --
 
@@ -51,6 +53,7 @@ class Nemesis:
         leader = self.cluster.leader(deadline_s=30.0)
         if leader is None:
             raise RuntimeError("no agreed leader to target")
+        self.at = self.history.now()  # finding the target took a while: the fault starts now
         return leader
 
     def followers(self) -> list[Node]:
@@ -252,10 +255,11 @@ class Schedule:
 
     def _apply(self, nemesis: Nemesis, phase: str) -> None:
         at = self.history.now()  # the window begins (ends) when injecting (healing) begins
+        nemesis.at = None
         try:
             detail = nemesis.start() if phase == "start" else nemesis.stop()
             nemesis.active = phase == "start"
-            self.history.nemesis(phase, nemesis.name, detail, at)
+            self.history.nemesis(phase, nemesis.name, detail, nemesis.at or at)
         except Exception as exc:  # a failed fault is recorded, the run goes on
             message = f"{nemesis.name} {phase}: {type(exc).__name__}: {exc}"
             self.errors.append(message)
