@@ -37,6 +37,9 @@ READ_WAIT_S = 10.0
 """Bound on a read's wait for a barrier or for ``min_index`` to be applied here."""
 
 APPLY_POLL_S = 0.005
+HEDGE_S = 1.0
+"""How long a barrier may be in flight before the next one starts beside it (a healthy
+barrier takes milliseconds; one sent to a lost leader waits out its whole timeout)."""
 
 BarrierFn = Callable[[float], Awaitable[Proposal]]
 
@@ -60,47 +63,60 @@ class StaleRead(CacheError):
 
 
 class SharedBarrier:
-    """One barrier in flight at a time, shared by concurrent readers.
+    """Barriers shared by concurrent readers.
 
-    A reader that arrives while a barrier is in flight waits for the *next* one (which starts
-    when the current one ends), because the current one may have been committed before the
-    reader's write was acknowledged. All readers that arrive during one barrier share the next.
+    A reader that arrives while a barrier is in flight waits for the *next* one, because the
+    current one may have been committed before the reader's write was acknowledged. All
+    readers that arrive before the next one starts share it. The next one starts when the
+    current one ends, or once the current one has been in flight ``hedge_s``, whichever is
+    first: a barrier stuck on a leader that is gone (it waits out its whole timeout) must not
+    hold back readers once a new leader answers. So rounds may overlap, at most about
+    ``timeout / hedge_s`` at once, and each reader still gets a barrier that began after it
+    arrived.
     """
 
-    def __init__(self, barrier: BarrierFn, timeout: float = READ_WAIT_S) -> None:
+    def __init__(
+        self, barrier: BarrierFn, timeout: float = READ_WAIT_S, hedge_s: float = HEDGE_S
+    ) -> None:
         self._barrier = barrier
         self._timeout = timeout
-        self._current: asyncio.Future[int] | None = None
-        self._next: asyncio.Future[int] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._hedge_s = hedge_s
+        self._pending: asyncio.Future[int] | None = None
+        """The round that arriving readers join; not started yet."""
+        self._last: asyncio.Task[None] | None = None
+        self._last_started = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.rounds = 0
         """Barriers proposed so far (observable sharing)."""
 
     async def index(self, timeout: float) -> int:
         """The log index of a barrier that started after this call; raises the barrier's
         error, or :class:`StaleRead` when ``timeout`` runs out first."""
-        if self._current is None:
-            future = self._current = asyncio.get_running_loop().create_future()
-            self._task = asyncio.create_task(self._run())
-        else:
-            if self._next is None:
-                self._next = asyncio.get_running_loop().create_future()
-            future = self._next
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._round(self._pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        future = self._pending
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             raise StaleRead(f"no read barrier completed within {timeout:.1f} s") from None
 
-    async def _run(self) -> None:
-        while self._current is not None:
-            future = self._current
-            self.rounds += 1
-            try:
-                future.set_result((await self._barrier(self._timeout)).index)
-            except Exception as exc:
-                future.set_exception(exc)
-                future.add_done_callback(_consume)
-            self._current, self._next = self._next, None
+    async def _round(self, future: asyncio.Future[int]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._last is not None and not self._last.done():
+            delay = self._last_started + self._hedge_s - loop.time()
+            if delay > 0:
+                await asyncio.wait({self._last}, timeout=delay)
+        self._pending = None  # readers arriving from now on need a later barrier
+        self._last, self._last_started = asyncio.current_task(), loop.time()
+        self.rounds += 1
+        try:
+            future.set_result((await self._barrier(self._timeout)).index)
+        except Exception as exc:
+            future.set_exception(exc)
+            future.add_done_callback(_consume)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -1,0 +1,1 @@
+"""jepsen_like: a fault-injection harness for LLM-Cache clusters (see DESIGN.md)."""
