@@ -252,6 +252,31 @@ def decode(data: bytes) -> Command:
     return command
 
 
+REBASE_TOLERANCE_MS = 1000
+"""Stamps this close to the leader's clock are kept as they are (no re-encoding)."""
+
+
+def rebase(data: bytes, now_ms: int) -> bytes:
+    """``data`` with its times moved onto the leader's clock ``now_ms`` (see node/clock.py):
+    ``ts_ms`` becomes ``now_ms`` and a Put's ``created_at_ms`` and ``expires_at_ms`` move by
+    the same amount, so a TTL counts from when the leader took the write whatever the clock of
+    the node that prepared it. Unstamped commands (``ts_ms`` 0) and malformed ones are returned
+    unchanged (the state machine rejects the latter)."""
+    try:
+        command = decode(data)
+    except MalformedCommand:
+        return data
+    delta = now_ms - command.ts_ms
+    if not command.ts_ms or abs(delta) <= REBASE_TOLERANCE_MS:
+        return data
+    changes: dict[str, Any] = {"ts_ms": now_ms}
+    if isinstance(command, Put):
+        changes["created_at_ms"] = max(0, command.created_at_ms + delta)
+        if command.expires_at_ms:
+            changes["expires_at_ms"] = max(1, command.expires_at_ms + delta)
+    return encode(dataclasses.replace(command, **changes))
+
+
 def validate(command: Command) -> None:
     """Checks that do not depend on the store: names, kinds, non-empty filters, sizes."""
     for name in ("tenant", "namespace"):

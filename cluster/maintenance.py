@@ -43,6 +43,8 @@ MAX_BATCHES = 16
 MAX_BUFFERED_IDS = 100_000
 """Distinct ids a node buffers between two flushes; reports of further ids are dropped."""
 PROPOSE_TIMEOUT_S = 10.0
+CLOCK_STAMP_MS = 1000
+"""The leader stamps an idle log (a `Noop`) when its last stamp is older than this."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class MaintainedCore(Protocol):
 
 async def maintain_once(core: MaintainedCore, now_ms: int) -> dict[str, int]:
     """One period's work (see the module docstring); returns counts of what was proposed."""
-    done = {"touch": 0, "expire": 0, "evict": 0}
+    done = {"touch": 0, "expire": 0, "evict": 0, "stamp": 0}
     leader = core.status().role == "leader"
     for touch in core.access.take():
         if leader:  # applied before victims are chosen from it
@@ -249,6 +251,10 @@ async def maintain_once(core: MaintainedCore, now_ms: int) -> dict[str, int]:
             evict = c.Evict(ids=tuple(victims), ts_ms=now_ms)
             await core.propose(c.encode(evict), "applied", PROPOSE_TIMEOUT_S)
             done["evict"] += len(victims)
+    if now_ms - core.read_store(lambda s: s.last_ts_ms()) >= CLOCK_STAMP_MS:
+        # Keeps the group's clock (node/clock.py) fresh on every node while no write comes.
+        await core.propose(c.encode(c.Noop(ts_ms=now_ms)), "applied", PROPOSE_TIMEOUT_S)
+        done["stamp"] = 1
     return done
 
 
@@ -258,7 +264,10 @@ async def run(
     """:func:`maintain_once` every ``period_s`` until cancelled; a failed period (leadership
     lost, a timeout) is logged and the next period starts over from the store."""
     while True:
-        await asyncio.sleep(period_s)
+        # Until the log holds a leader's stamp the group has no clock (node/clock.py): look
+        # again soon rather than a whole period later.
+        stamped = core.read_store(lambda s: s.last_ts_ms()) > 0
+        await asyncio.sleep(period_s if stamped else min(period_s, 0.5))
         try:
             done = await maintain_once(core, int(clock() * 1000))
         except asyncio.CancelledError:

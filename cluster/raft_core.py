@@ -471,7 +471,8 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         if not self._isLeader():
             raise NotLeader(f"{self.self_id} is not the leader", self.leader_address())
         future = self._callback_future()
-        self._apply(data, callback=future.callback)
+        # Times in the log are the leader's (node/clock.py), whichever node prepared the write.
+        self._apply(commands.rebase(data, int(time.time() * 1000)), callback=future.callback)
         if wait == "none":
             return Proposal(0, self.raftCurrentTerm, self.self_id)
         res = await future.result(timeout, "propose")

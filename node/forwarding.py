@@ -10,8 +10,9 @@ Peer authentication: the body is msgpack ``{data, wait, timeout, ts_ms}`` and th
 :data:`AUTH_HEADER` carries the hex HMAC-SHA256 of the exact body bytes under a key derived
 from the Raft password (:func:`peer_key`). The route answers 401 without a valid MAC and 403
 when ``ts_ms`` is more than :data:`MAX_SKEW_MS` from the leader's clock (a bound on replaying a
-captured request; a replayed write is also deduplicated by its request id). The route is not in
-the public OpenAPI document.
+captured request; a replayed write is also deduplicated by its request id). Senders stamp with
+the group's clock (node/clock.py), so a node whose own clock is off still gets through. The
+route is not in the public OpenAPI document.
 
 Outcomes of :meth:`ForwardingProposer.propose`: a :class:`Proposal`; :class:`NotLeader` when no
 leader is known (or its HTTP URL is not configured) or the leader cannot be reached, so nothing
@@ -26,7 +27,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -109,8 +110,10 @@ class ForwardingProposer:
         peers_http: Mapping[str, str],
         secret: bytes | None,
         store: Store,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.local = local
+        self.clock = clock
         self.peers_http = dict(peers_http)
         self.secret = secret
         self.store = store
@@ -188,7 +191,7 @@ class ForwardingProposer:
     async def _post(self, url: str, data: bytes, wait: Wait, timeout: float) -> Proposal:
         assert self.secret is not None
         body = msgpack.packb(
-            {"data": data, "wait": wait, "timeout": timeout, "ts_ms": int(time.time() * 1000)},
+            {"data": data, "wait": wait, "timeout": timeout, "ts_ms": int(self.clock() * 1000)},
             use_bin_type=True,
         )
         headers = {AUTH_HEADER: sign(self.secret, body), "Content-Type": "application/msgpack"}
@@ -215,11 +218,14 @@ class ForwardingProposer:
         code, message = error.get("code"), str(error.get("message", f"HTTP {status}"))
         if code == NotLeader.code:
             raise NotLeader(message, error.get("leader"))
-        if status in (401, 403):  # nothing was proposed; the caller's own auth is not at fault
+        # Nothing was proposed; the caller's own auth is not at fault.
+        if status == 401:
             raise RaftUnavailable(
                 f"the leader refused this node's peer authentication ({message}): do all "
                 "nodes share the same Raft password?"
             )
+        if status == 403:
+            raise RaftUnavailable(f"the leader refused a forwarded proposal: {message}")
         if code == UnknownOutcome.code or status >= 500:
             raise UnknownOutcome(f"the leader answered {status}: {message}")
         raised = CacheError(f"the leader refused a forwarded proposal: {message}")
@@ -283,7 +289,10 @@ async def internal_propose(request: web.Request) -> web.Response:
     except Exception:
         raise InvalidRequest("malformed internal proposal", field="body") from None
     if abs(time.time() * 1000 - ts_ms) > MAX_SKEW_MS or wait not in WAITS:
-        raise Forbidden("stale or malformed internal proposal")
+        raise Forbidden(
+            f"internal proposal stamped {ts_ms} is more than {MAX_SKEW_MS} ms from this leader's "
+            f"clock (a replay, or clocks apart), or has a bad wait"
+        )
     local = proposer.local if isinstance(proposer, ForwardingProposer) else proposer
     try:
         proposal = await local.propose(command, wait=wait, timeout=min(max(timeout, 0.1), 60.0))

@@ -24,6 +24,7 @@ from aiohttp import web
 from llmcache.cluster.ipc import IpcProposer
 from llmcache.node import forwarding, metrics, proxy
 from llmcache.node.app import make_app
+from llmcache.node.clock import ClusterClock
 from llmcache.node.config import NodeConfig
 from llmcache.node.embed import (
     CachedEmbedder,
@@ -107,11 +108,12 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
     log.info(
         "worker %d: indexes %s at applied index %d", worker_no, how, feed.indexes.applied_index
     )
-    engine = Engine(store, feed, embedders(cfg))
+    clock = ClusterClock(store)
+    engine = Engine(store, feed, embedders(cfg), clock=clock)
     settings = server_settings(cfg)
     proposer = IpcProposer(socket_path(cfg))
     forwarder = forwarding.ForwardingProposer(
-        proposer, settings.peers_http, settings.peer_key, store
+        proposer, settings.peers_http, settings.peer_key, store, clock=clock
     )
     services = Services(engine, forwarder, settings)
     app = make_app(
@@ -123,10 +125,12 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_refresh_metrics(services))
+        follow = asyncio.create_task(clock.follow())
         report = asyncio.create_task(_report_access(services, proposer, cfg.access_report_period_s))
         log.info("worker %d: serving", worker_no)
         yield
         task.cancel()
+        follow.cancel()
         report.cancel()
         await asyncio.to_thread(feed.checkpoint, checkpoint)
         log.info("worker %d: indexes checkpointed at %d", worker_no, feed.indexes.applied_index)

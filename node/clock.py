@@ -1,0 +1,61 @@
+"""The group's clock, as every node of a Raft group reads it.
+
+Time decides which entries have expired. The design has it decided once, by the leader, and
+carried in the log: raft-core on the leader restamps every proposal with its own wall clock
+(:func:`llmcache.cluster.commands.rebase`), the state machine keeps the highest stamp applied
+(``Store.last_ts_ms``), and the leader appends a stamped ``Noop`` when a maintenance period
+passed without a command. :class:`ClusterClock` reads that stamp plus the monotonic time since
+this process saw it change, so a node whose own clock is an hour off still agrees with the group
+on what has expired. It runs behind the leader's clock by at most the time between an apply and
+this process noticing it (``follow`` polls every 0.1 s), never ahead; before any stamp exists it
+is the local wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+from llmcache.node.store import Store
+
+FOLLOW_PERIOD_S = 0.1
+
+
+class ClusterClock:
+    """``clock()`` → seconds since the epoch on the group's clock (like ``time.time``).
+
+    Thread-safe. Each call reads one key of the store (a read transaction).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.monotonic = monotonic
+        self.wall = wall
+        self._lock = threading.Lock()
+        self._stamp_ms = 0
+        self._seen = 0.0
+
+    def __call__(self) -> float:
+        stamp_ms = self.store.last_ts_ms()
+        now = self.monotonic()
+        with self._lock:
+            if stamp_ms != self._stamp_ms:
+                self._stamp_ms, self._seen = stamp_ms, now
+            if not stamp_ms:
+                return self.wall()
+            return stamp_ms / 1000 + (now - self._seen)
+
+    async def follow(self) -> None:
+        """Notice new stamps promptly (the clock is behind by the time one goes unnoticed);
+        runs until cancelled."""
+        while True:
+            self()
+            await asyncio.sleep(FOLLOW_PERIOD_S)
