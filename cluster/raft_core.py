@@ -282,6 +282,14 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             if isinstance(message, dict) and message.get("type") == "append_entries":
                 self._leader_contact = time.monotonic()
             handler(node, message)
+            chunk = message.get("serialized") if isinstance(message, dict) else None
+            if chunk is not None and not chunk[2]:
+                # A follower answers nothing until a snapshot's last chunk, so the leader's
+                # connection timed out (connectionTimeout) on any transfer longer than that,
+                # and a restarted transfer whose first chunk was lost was spliced onto the
+                # old one: a corrupt file, again and again (seen catching up 100k entries).
+                # Acknowledge each chunk, as pysyncobj does for chunked large entries.
+                self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
 
         transport.setOnMessageReceivedCallback(on_message)
 
