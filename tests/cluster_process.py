@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,17 @@ class ClusterProcess:
     def followers(self) -> list[NodeProcess]:
         leader = self.leader()
         return [node for node in self.nodes if node is not leader]
+
+
+@contextlib.contextmanager
+def running_cluster(
+    root: Path, size: int = 3, env: dict[str, str] | None = None
+) -> Iterator[ClusterProcess]:
+    """A started group whose nodes agree on a leader; every node is killed on exit."""
+    group = ClusterProcess(root, size, env)
+    try:
+        group.start()
+        group.leader()
+        yield group
+    finally:
+        group.stop()

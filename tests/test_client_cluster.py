@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmcache.client import CacheClient, RetryPolicy, StoreResult
-from tests.cluster_process import ClusterProcess
+from tests.cluster_process import ClusterProcess, running_cluster
 
 # Enough to ride out an election (timeouts of 2-4 s) and a forwarded write's unknown outcome.
 PATIENT = RetryPolicy(attempts=40, base_s=0.05, cap_s=1.0)
@@ -20,13 +20,8 @@ PATIENT = RetryPolicy(attempts=40, base_s=0.05, cap_s=1.0)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    group = ClusterProcess(Path(tmp_path_factory.mktemp("client-cluster")))
-    try:
-        group.start()
-        group.leader()
+    with running_cluster(Path(tmp_path_factory.mktemp("client-cluster"))) as group:
         yield group
-    finally:
-        group.stop()
 
 
 def test_writes_follow_the_leader_hint(cluster: ClusterProcess) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_process import ClusterProcess
+from tests.cluster_process import ClusterProcess, running_cluster
 from tests.node_process import NodeProcess
 
 DEADLINE_S = 30.0
@@ -36,13 +36,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess
         "LLMCACHE_MAINTENANCE_PERIOD_S": "0.5",
         "LLMCACHE_ACCESS_REPORT_PERIOD_S": "0.5",
     }
-    group = ClusterProcess(Path(tmp_path_factory.mktemp("faults")), env=env)
-    try:
-        group.start()
-        group.leader()
+    with running_cluster(Path(tmp_path_factory.mktemp("faults")), env=env) as group:
         yield group
-    finally:
-        group.stop()
 
 
 class Writers:

@@ -27,7 +27,7 @@ from llmcache.node import forwarding
 from llmcache.node.consistency import Reads
 from llmcache.node.local import LocalCache
 from llmcache.node.proposer import LocalProposer
-from tests.cluster_process import ClusterProcess
+from tests.cluster_process import ClusterProcess, running_cluster
 from tests.node_process import NodeProcess
 
 POLL_DEADLINE_S = 30.0
@@ -35,13 +35,8 @@ POLL_DEADLINE_S = 30.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    group = ClusterProcess(Path(tmp_path_factory.mktemp("cluster")))
-    try:
-        group.start()
-        group.leader()
+    with running_cluster(Path(tmp_path_factory.mktemp("cluster"))) as group:
         yield group
-    finally:
-        group.stop()
 
 
 def store(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.cluster_process import ClusterProcess
+from tests.cluster_process import ClusterProcess, running_cluster
 from tests.conftest import unit_vector
 from tests.node_process import NodeProcess
 
@@ -25,13 +25,8 @@ def at_similarity(seed: str, s: float) -> list[float]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
-    group = ClusterProcess(Path(tmp_path_factory.mktemp("quality-cluster")))
-    try:
-        group.start()
-        group.leader()
+    with running_cluster(Path(tmp_path_factory.mktemp("quality-cluster"))) as group:
         yield group
-    finally:
-        group.stop()
 
 
 def call(node: NodeProcess, method: str, path: str, body: Any) -> Any:
