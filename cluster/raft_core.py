@@ -274,6 +274,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         super().__init__(options.self_address, peers, conf)
         self.addOnTickCallback(self._on_tick)
         self._leader_contact: float | None = None  # monotonic time of the last append entries
+        self._conflict: tuple[int, int] | None = None  # (term, index): see _hold_conflict
         # pysyncobj keeps no time of last contact: note it on the way into its own handler.
         transport = self._SyncObj__transport
         handler = self._SyncObj__onMessageReceived
@@ -281,6 +282,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         def on_message(node: Any, message: Any) -> None:
             if isinstance(message, dict) and message.get("type") == "append_entries":
                 self._leader_contact = time.monotonic()
+                message = self._hold_conflict(message)
             handler(node, message)
             chunk = message.get("serialized") if isinstance(message, dict) else None
             if chunk is not None and not chunk[2]:
@@ -292,6 +294,27 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
                 self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
 
         transport.setOnMessageReceivedCallback(on_message)
+
+    def _hold_conflict(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Work around a pysyncobj livelock (found by jepsen_like item 1): the leader sends
+        several append-entries batches per tick, moving its next index for a follower on
+        optimistically. A follower whose log conflicts at index i answers the first batch
+        "reset to i", but answers each later batch, whose previous index lies beyond its log,
+        "reset to the end of my log"; the last answer wins, the leader retries from the same
+        conflicting index, and the follower never applies again. So, in a term in which this
+        follower found a conflict at i, a batch starting beyond its log is answered as a
+        conflict at i too (pysyncobj's own reply to a mismatched term), until a batch matches.
+        """
+        if "prevLogIdx" not in message or message.get("transmission") is not None:
+            return message
+        prev, term = message["prevLogIdx"], message["term"]
+        if prev <= self._SyncObj__getCurrentLogIndex():
+            mine = self._SyncObj__getEntries(prev, 1)
+            mismatch = bool(mine) and mine[0][2] != message["prevLogTerm"]
+            self._conflict = (term, prev) if mismatch else None
+        elif self._conflict is not None and self._conflict[0] == term:
+            return {**message, "prevLogIdx": self._conflict[1], "prevLogTerm": -1, "entries": []}
+        return message
 
     @property
     def encryptor(self) -> RaftCipher | None:
