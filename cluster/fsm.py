@@ -105,12 +105,11 @@ class StateMachine:
         self._prune(txn, index)
         if isinstance(cmd, MalformedCommand):
             return Result(index, {}, cmd.code, cmd.message)
-        # The group's clock (node/clock.py): only stamps the leader set count. Touch and
-        # Advertise reach the log through pysyncobj's forwarding, unstamped by the leader.
+        # The group's clock (node/clock.py): the latest stamp a leader set. Not the highest:
+        # after a leader whose clock ran ahead, the next leader's time must take over. Touch
+        # and Advertise reach the log through pysyncobj's forwarding, unstamped by a leader.
         if cmd.ts_ms and not isinstance(cmd, (c.Touch, c.Advertise)):
-            last = txn.get(b"last_ts_ms", db=meta)
-            if last is None or cmd.ts_ms > from_u64(last):
-                txn.put(b"last_ts_ms", u64(cmd.ts_ms), db=meta)
+            txn.put(b"last_ts_ms", u64(cmd.ts_ms), db=meta)
         if cmd.request_id:
             seen = self.store.request_result(txn, cmd.request_id)
             if seen is not None:

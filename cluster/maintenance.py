@@ -44,7 +44,8 @@ MAX_BUFFERED_IDS = 100_000
 """Distinct ids a node buffers between two flushes; reports of further ids are dropped."""
 PROPOSE_TIMEOUT_S = 10.0
 CLOCK_STAMP_MS = 1000
-"""The leader stamps an idle log (a `Noop`) when its last stamp is older than this."""
+"""The leader stamps an idle log (a `Noop`) when the last stamp is this far from its clock
+(older, or set by a predecessor whose clock ran ahead)."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ async def maintain_once(core: MaintainedCore, now_ms: int) -> dict[str, int]:
             evict = c.Evict(ids=tuple(victims), ts_ms=now_ms)
             await core.propose(c.encode(evict), "applied", PROPOSE_TIMEOUT_S)
             done["evict"] += len(victims)
-    if now_ms - core.read_store(lambda s: s.last_ts_ms()) >= CLOCK_STAMP_MS:
+    if abs(now_ms - core.read_store(lambda s: s.last_ts_ms())) >= CLOCK_STAMP_MS:
         # Keeps the group's clock (node/clock.py) fresh on every node while no write comes.
         await core.propose(c.encode(c.Noop(ts_ms=now_ms)), "applied", PROPOSE_TIMEOUT_S)
         done["stamp"] = 1
@@ -264,10 +265,12 @@ async def run(
     """:func:`maintain_once` every ``period_s`` until cancelled; a failed period (leadership
     lost, a timeout) is logged and the next period starts over from the store."""
     while True:
-        # Until the log holds a leader's stamp the group has no clock (node/clock.py): look
-        # again soon rather than a whole period later.
-        stamped = core.read_store(lambda s: s.last_ts_ms()) > 0
-        await asyncio.sleep(period_s if stamped else min(period_s, 0.5))
+        # A leader whose clock and the log's last stamp are apart (no stamp yet, or a new
+        # leader after one whose clock differed) stamps soon, not a whole period later: the
+        # group's clock (node/clock.py) is that stamp.
+        last = core.read_store(lambda s: s.last_ts_ms())
+        soon = core.status().role == "leader" and abs(clock() * 1000 - last) >= CLOCK_STAMP_MS
+        await asyncio.sleep(min(period_s, 0.5) if soon or not last else period_s)
         try:
             done = await maintain_once(core, int(clock() * 1000))
         except asyncio.CancelledError:

@@ -2,13 +2,14 @@
 
 Time decides which entries have expired. The design has it decided once, by the leader, and
 carried in the log: raft-core on the leader restamps every proposal with its own wall clock
-(:func:`llmcache.cluster.commands.rebase`), the state machine keeps the highest stamp applied
-(``Store.last_ts_ms``), and the leader appends a stamped ``Noop`` when a maintenance period
-passed without a command. :class:`ClusterClock` reads that stamp plus the monotonic time since
-this process saw it change, so a node whose own clock is an hour off still agrees with the group
-on what has expired. It runs behind the leader's clock by at most the time between an apply and
-this process noticing it (``follow`` polls every 0.1 s), never ahead; before any stamp exists it
-is the local wall clock.
+(:func:`llmcache.cluster.commands.rebase`), the state machine keeps the latest stamp applied
+(``Store.last_ts_ms``; after a change of leader the new leader's clock takes over), and the
+leader appends a stamped ``Noop`` when its clock and the last stamp are a second apart.
+:class:`ClusterClock` reads that stamp plus the monotonic time since this process saw it
+change, so a node whose own clock is an hour off still agrees with the group on what has
+expired. That estimate runs behind the leader's clock by the time between an apply and this
+process noticing it (``follow`` polls every 0.1 s), so a local clock that agrees with it within
+``AGREE_S`` (1 s) is used as it is; before any stamp exists it is the local wall clock.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from llmcache.node.store import Store
 
 FOLLOW_PERIOD_S = 0.1
+AGREE_S = 1.0
+"""A local clock within this of the group's is used as it is: it has no lag."""
 
 
 class ClusterClock:
@@ -49,9 +52,12 @@ class ClusterClock:
         with self._lock:
             if stamp_ms != self._stamp_ms:
                 self._stamp_ms, self._seen = stamp_ms, now
-            if not stamp_ms:
-                return self.wall()
-            return stamp_ms / 1000 + (now - self._seen)
+            seen = self._seen
+        wall = self.wall()
+        if not stamp_ms:
+            return wall
+        anchored = stamp_ms / 1000 + (now - seen)
+        return wall if abs(wall - anchored) <= AGREE_S else anchored
 
     async def follow(self) -> None:
         """Notice new stamps promptly (the clock is behind by the time one goes unnoticed);

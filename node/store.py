@@ -6,7 +6,7 @@ One LMDB environment (a directory) with named sub-databases:
 db           key                                              value
 ============ ================================================ ===================================
 ``meta``     ``applied_index``, ``next_id``, ``config_index``  u64 / msgpack
-             ``schema``, ``last_ts_ms``                        ``last_ts_ms``: highest leader stamp
+             ``schema``, ``last_ts_ms``                        ``last_ts_ms``: latest leader stamp
              ``member:`` + Raft address                        a member's HTTP URL (``Advertise``)
 ``entries``  id (u64 big-endian)                              msgpack entry record (no vector)
 ``vectors``  id                                               float32 little-endian bytes
@@ -325,7 +325,7 @@ class Store:
         return from_u64(raw) if raw else 0
 
     def last_ts_ms(self) -> int:
-        """The highest leader stamp applied (``ts_ms`` of commands; 0: none yet)."""
+        """The latest leader stamp applied (``ts_ms`` of commands; 0: none yet)."""
         with self.read() as txn:
             raw = txn.get(b"last_ts_ms", db=self.dbs["meta"])
             return from_u64(raw) if raw else 0

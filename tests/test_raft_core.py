@@ -350,7 +350,11 @@ def test_a_wiped_follower_catches_up_through_a_snapshot(
         return leader
 
     leader = asyncio.run(fill())
-    assert (leader.data / "raft" / "snapshot").exists()  # the log was compacted
+    # The log was compacted (the snapshot is written in the background).
+    deadline = time.monotonic() + 30
+    while not (leader.data / "raft" / "snapshot").exists():
+        assert time.monotonic() < deadline, "no snapshot within 30 s"
+        time.sleep(0.2)
     follower = next(n for n in nodes if n is not leader)
     assert follower.stop() == 0
     shutil.rmtree(follower.data)
