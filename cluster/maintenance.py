@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmcache.cluster import commands as c
+from llmcache.node.clock import ClusterClock
 from llmcache.node.proposer import Proposal, RaftStatus, Wait
 from llmcache.node.store import Store, from_u64, join
 
@@ -43,9 +44,12 @@ MAX_BATCHES = 16
 MAX_BUFFERED_IDS = 100_000
 """Distinct ids a node buffers between two flushes; reports of further ids are dropped."""
 PROPOSE_TIMEOUT_S = 10.0
-CLOCK_STAMP_MS = 1000
-"""The leader stamps an idle log (a `Noop`) when the last stamp is this far from its clock
-(older, or set by a predecessor whose clock ran ahead)."""
+CLOCK_AGREE_MS = 1000
+"""The leader stamps the log (a `Noop`) at once when the group's clock (node/clock.py) is this
+far from its own: a new leader after one whose clock differed."""
+IDLE_STAMP_MS = 600_000
+"""...and when no stamp came for this long, so that a process starting on a node with a skewed
+clock finds a recent one. Rare, because any entry lets log compaction rewrite the snapshot."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,9 @@ class MaintainedCore(Protocol):
     def propose_forwarded(self, data: bytes) -> None: ...
 
 
-async def maintain_once(core: MaintainedCore, now_ms: int) -> dict[str, int]:
+async def maintain_once(
+    core: MaintainedCore, now_ms: int, group_ms: int | None = None
+) -> dict[str, int]:
     """One period's work (see the module docstring); returns counts of what was proposed."""
     done = {"touch": 0, "expire": 0, "evict": 0, "stamp": 0}
     leader = core.status().role == "leader"
@@ -252,8 +258,9 @@ async def maintain_once(core: MaintainedCore, now_ms: int) -> dict[str, int]:
             evict = c.Evict(ids=tuple(victims), ts_ms=now_ms)
             await core.propose(c.encode(evict), "applied", PROPOSE_TIMEOUT_S)
             done["evict"] += len(victims)
-    if abs(now_ms - core.read_store(lambda s: s.last_ts_ms())) >= CLOCK_STAMP_MS:
-        # Keeps the group's clock (node/clock.py) fresh on every node while no write comes.
+    last = core.read_store(lambda s: s.last_ts_ms())
+    apart = group_ms is not None and abs(now_ms - group_ms) >= CLOCK_AGREE_MS
+    if apart or now_ms - last >= IDLE_STAMP_MS:
         await core.propose(c.encode(c.Noop(ts_ms=now_ms)), "applied", PROPOSE_TIMEOUT_S)
         done["stamp"] = 1
     return done
@@ -264,15 +271,15 @@ async def run(
 ) -> None:
     """:func:`maintain_once` every ``period_s`` until cancelled; a failed period (leadership
     lost, a timeout) is logged and the next period starts over from the store."""
+    group = ClusterClock(lambda: core.read_store(lambda s: s.last_ts_ms()), wall=clock)
     while True:
-        # A leader whose clock and the log's last stamp are apart (no stamp yet, or a new
-        # leader after one whose clock differed) stamps soon, not a whole period later: the
-        # group's clock (node/clock.py) is that stamp.
-        last = core.read_store(lambda s: s.last_ts_ms())
-        soon = core.status().role == "leader" and abs(clock() * 1000 - last) >= CLOCK_STAMP_MS
-        await asyncio.sleep(min(period_s, 0.5) if soon or not last else period_s)
+        # A leader whose clock and the group's are apart (no stamp yet, or a new leader after
+        # one whose clock differed) stamps soon, not a whole period later.
+        apart = abs(clock() - group()) * 1000 >= CLOCK_AGREE_MS
+        soon = core.status().role == "leader" and apart
+        await asyncio.sleep(min(period_s, 0.5) if soon or not group.stamped else period_s)
         try:
-            done = await maintain_once(core, int(clock() * 1000))
+            done = await maintain_once(core, int(clock() * 1000), int(group() * 1000))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -4,7 +4,9 @@ Time decides which entries have expired. The design has it decided once, by the 
 carried in the log: raft-core on the leader restamps every proposal with its own wall clock
 (:func:`llmcache.cluster.commands.rebase`), the state machine keeps the latest stamp applied
 (``Store.last_ts_ms``; after a change of leader the new leader's clock takes over), and the
-leader appends a stamped ``Noop`` when its clock and the last stamp are a second apart.
+leader appends a stamped ``Noop`` when its clock and this estimate are a second apart (a new
+leader after one whose clock differed) or no stamp came for ten minutes
+(``maintenance.IDLE_STAMP_MS``).
 :class:`ClusterClock` reads that stamp plus the monotonic time since this process saw it
 change, so a node whose own clock is an hour off still agrees with the group on what has
 expired. That estimate runs behind the leader's clock by the time between an apply and this
@@ -19,8 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from llmcache.node.store import Store
-
 FOLLOW_PERIOD_S = 0.1
 AGREE_S = 1.0
 """A local clock within this of the group's is used as it is: it has no lag."""
@@ -29,25 +29,31 @@ AGREE_S = 1.0
 class ClusterClock:
     """``clock()`` → seconds since the epoch on the group's clock (like ``time.time``).
 
-    Thread-safe. Each call reads one key of the store (a read transaction).
+    ``last_stamp_ms`` reads the log's latest leader stamp (``Store.last_ts_ms``: one key in a
+    read transaction per call). Thread-safe.
     """
 
     def __init__(
         self,
-        store: Store,
+        last_stamp_ms: Callable[[], int],
         *,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self.last_stamp_ms = last_stamp_ms
         self.monotonic = monotonic
         self.wall = wall
         self._lock = threading.Lock()
         self._stamp_ms = 0
         self._seen = 0.0
 
+    @property
+    def stamped(self) -> bool:
+        """Whether the log held a leader stamp at the last call."""
+        return self._stamp_ms != 0
+
     def __call__(self) -> float:
-        stamp_ms = self.store.last_ts_ms()
+        stamp_ms = self.last_stamp_ms()
         now = self.monotonic()
         with self._lock:
             if stamp_ms != self._stamp_ms:

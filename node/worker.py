@@ -108,7 +108,7 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
     log.info(
         "worker %d: indexes %s at applied index %d", worker_no, how, feed.indexes.applied_index
     )
-    clock = ClusterClock(store)
+    clock = ClusterClock(store.last_ts_ms)
     engine = Engine(store, feed, embedders(cfg), clock=clock)
     settings = server_settings(cfg)
     proposer = IpcProposer(socket_path(cfg))

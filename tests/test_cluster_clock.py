@@ -57,7 +57,7 @@ def test_the_cluster_clock_follows_stamps_with_monotonic_time(tmp_path: Path) ->
     store = Store(tmp_path / "s", durable=False)
     fsm = StateMachine(store)
     mono = [100.0]
-    clock = ClusterClock(store, monotonic=lambda: mono[0], wall=lambda: 42.0)
+    clock = ClusterClock(store.last_ts_ms, monotonic=lambda: mono[0], wall=lambda: 42.0)
     assert clock() == 42.0  # no stamp yet: the local clock
     fsm.apply(1, c.encode(c.Noop(ts_ms=7_000_000)))
     assert clock() == 7_000.0
@@ -66,7 +66,7 @@ def test_the_cluster_clock_follows_stamps_with_monotonic_time(tmp_path: Path) ->
     fsm.apply(2, c.encode(c.Noop(ts_ms=7_010_000)))
     assert clock() == 7_010.0
     # A local clock that agrees within a second is used as it is (the stamp lags a little).
-    local = ClusterClock(store, monotonic=lambda: mono[0], wall=lambda: 7_010.6)
+    local = ClusterClock(store.last_ts_ms, monotonic=lambda: mono[0], wall=lambda: 7_010.6)
     assert local() == 7_010.6
     store.close()
 
