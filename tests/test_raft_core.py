@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -415,6 +416,15 @@ def test_raft_frames_are_stored_not_compressed_and_any_peer_still_reads_them() -
     assert len(sent) > len(frame)  # stored blocks: framing added, nothing compressed
     assert zlib.decompress(sent) == frame  # a peer with stock pysyncobj reads it
     assert tcp_connection.zlib.decompress(zlib.compress(frame, 3)) == frame  # and the reverse
+
+
+def test_pysyncobj_pickles_bytes_as_bytes_and_still_reads_protocol_2() -> None:
+    from pysyncobj import pickle as pysyncobj_pickle
+
+    entry = (bytes(range(256)) * 10, 7, 3)
+    assert len(pysyncobj_pickle.dumps(entry)) < 2600  # protocol 2: latin-1 text, ~3,900 bytes
+    old_record = pickle.dumps(entry, 2)  # a journal written before the change
+    assert pysyncobj_pickle.loads(old_record) == entry
 
 
 # -- refusals -----------------------------------------------------------------------------------
