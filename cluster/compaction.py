@@ -19,6 +19,9 @@ while a transfer is in flight and until its follower has confirmed the log tail 
   ``grace_s`` passed. (The match index never goes down in pysyncobj, so a wiped follower may
   start with its old, higher one: then it stays pending until it passes that, which under
   writes is soon after it caught up.)
+  A transfer that pysyncobj completes within one tick (it sends chunks for up to
+  ``appendEntriesPeriod``, 0.1 s, per tick: a small store) is never seen here; resending one
+  is cheap.
 - **Follower**: while a snapshot is arriving (pysyncobj's incoming file is open and grew in
   the last ``grace_s``) its own compaction waits too: the received file and our own snapshot
   share ``raft/snapshot``, and our writer finishing last would replace the received one (Raft

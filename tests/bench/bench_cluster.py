@@ -1,7 +1,8 @@
 """Benchmark of a 3-node ``llmcache-node`` Raft group on loopback (not collected by pytest).
 
     python tests/bench/bench_cluster.py [--puts 6000] [--concurrency 32] [--entries 20000]
-                                        [--failovers 3] [--json out.json] [--commit REV]
+                                        [--failovers 3] [--catch-up-writes R]
+                                        [--catch-up-write-s S] [--json out.json] [--commit REV]
 
 Starts three nodes (one worker each, ``LLMCACHE_EMBEDDER=none``) in a temporary directory on
 free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedder
