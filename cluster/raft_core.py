@@ -273,8 +273,8 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         )
         peers = [p for p in options.peers if p != options.self_address]
         super().__init__(options.self_address, peers, conf)
-        self.addOnTickCallback(self._on_tick)
         self._compaction_hold = CompactionHold(self)  # see cluster/compaction.py
+        self.addOnTickCallback(self._on_tick)
         self._leader_contact: float | None = None  # monotonic time of the last append entries
         self._conflict: tuple[int, int] | None = None  # (term, index): see _hold_conflict
         # pysyncobj keeps no time of last contact: note it on the way into its own handler.
