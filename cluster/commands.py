@@ -262,6 +262,12 @@ def rebase(data: bytes, now_ms: int) -> bytes:
     the same amount, so a TTL counts from when the leader took the write whatever the clock of
     the node that prepared it. Unstamped commands (``ts_ms`` 0) and malformed ones are returned
     unchanged (the state machine rejects the latter)."""
+    try:  # most writes need no change: find out from ts_ms alone (full decoding is dearer)
+        fields = msgpack.unpackb(data[1:])[1]
+        if abs(now_ms - fields["ts_ms"]) <= REBASE_TOLERANCE_MS or not fields["ts_ms"]:
+            return data
+    except (ValueError, TypeError, KeyError, IndexError):
+        pass  # malformed: decode below decides
     try:
         command = decode(data)
     except MalformedCommand:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
+import orjson
 from aiohttp import web
 
 from llmcache.cluster.commands import NAME_RE
@@ -68,9 +69,14 @@ async def read_body(request: web.Request) -> dict[str, Any]:
             raise InvalidRequest(f"the body is not valid msgpack: {exc}", field="body") from None
     else:
         try:
-            data = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest(f"the body is not valid JSON: {exc}", field="body") from None
+            data = orjson.loads(raw)  # ~20x the json module's speed on a vector
+        except ValueError:
+            # The json module names what is wrong more precisely (1e400 is a field out of range,
+            # not bad syntax; UTF-16 with a BOM is JSON too): the slow path is for odd bodies.
+            try:
+                data = json.loads(raw, parse_constant=_reject_constant)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidRequest(f"the body is not valid JSON: {exc}", field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be an object", field="body")
     for key, value in data.items():

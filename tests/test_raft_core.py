@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pickle
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -404,6 +406,25 @@ def test_the_cipher_encrypts_and_rejects_tampered_and_foreign_frames() -> None:
                 RaftCipher("secret").decrypt(bad)
             with pytest.raises(ValueError):
                 receiver.extract_timestamp(bad)
+
+
+def test_raft_frames_are_stored_not_compressed_and_any_peer_still_reads_them() -> None:
+    from pysyncobj import tcp_connection
+
+    frame = b"\x01" + os.urandom(1536) + b"a 1 KB answer " * 70
+    sent = tcp_connection.zlib.compress(frame, 3)  # what pysyncobj's send() calls
+    assert len(sent) > len(frame)  # stored blocks: framing added, nothing compressed
+    assert zlib.decompress(sent) == frame  # a peer with stock pysyncobj reads it
+    assert tcp_connection.zlib.decompress(zlib.compress(frame, 3)) == frame  # and the reverse
+
+
+def test_pysyncobj_pickles_bytes_as_bytes_and_still_reads_protocol_2() -> None:
+    from pysyncobj import pickle as pysyncobj_pickle
+
+    entry = (bytes(range(256)) * 10, 7, 3)
+    assert len(pysyncobj_pickle.dumps(entry)) < 2600  # protocol 2: latin-1 text, ~3,900 bytes
+    old_record = pickle.dumps(entry, 2)  # a journal written before the change
+    assert pysyncobj_pickle.loads(old_record) == entry
 
 
 # -- refusals -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python tests/bench/bench_cluster.py [--puts 6000] [--concurrency 32] [--entries 20000]
                                         [--failovers 3] [--catch-up-writes R]
                                         [--catch-up-write-s S] [--json out.json] [--commit REV]
+                                        [--msgpack]
 
 Starts three nodes (one worker each, ``LLMCACHE_EMBEDDER=none``) in a temporary directory on
 free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedder
@@ -11,7 +12,10 @@ free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedd
 1. **Replicated puts/s**: ``--puts`` ``POST /v1/cache/store`` of a distinct text with a 384-d
    unit vector and a 1 KB response (``wait`` applied, the default), sent to the leader by an
    aiohttp client over ``--concurrency`` keep-alive connections; bodies are encoded before the
-   clock starts. Latency p50/p99 per request (client side: send to full answer).
+   clock starts (JSON, or msgpack with ``--msgpack``, as ``llmcache.client`` sends). Latency
+   p50/p99 per request (client side: send to full answer), and the CPU time per put of every
+   process of the group and of this client, from ``/proc/PID/stat`` (steadier than puts/s on a
+   shared machine).
 2. **Leader failover** (``--failovers`` times): a writer posts kv entries to a follower one at
    a time; the leader's whole node is killed with SIGKILL; the gap is the time from the kill to
    the first acknowledged write after it (the writer retries 503s and connection errors with
@@ -41,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -67,6 +73,9 @@ RESPONSE_BYTES = 1024
 NAMESPACE = "vec"
 
 
+CONTENT_TYPE = "application/json"  # --msgpack: "application/msgpack", as llmcache.client sends
+
+
 def body(i: int, rng: np.random.Generator) -> bytes:
     v = rng.standard_normal(DIM).astype(np.float32)
     v /= np.linalg.norm(v)
@@ -76,6 +85,8 @@ def body(i: int, rng: np.random.Generator) -> bytes:
         "vector": [round(float(x), 6) for x in v],
         "response": (f"response {i} " * 200)[:RESPONSE_BYTES],
     }
+    if CONTENT_TYPE == "application/msgpack":
+        return bytes(msgpack.packb(item))
     return json.dumps(item).encode()
 
 
@@ -87,7 +98,7 @@ async def post_many(
     failures = 0
     queue = iter(bodies)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": CONTENT_TYPE}
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
@@ -110,13 +121,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cpu_seconds(cluster: ClusterProcess) -> dict[str, float]:
+    """CPU time (user + system) so far of every process of the group, as ``role name``
+    (names from the supervisor's "started NAME (pid N)" log lines), and of this benchmark
+    (``client``): steadier than puts/s on a shared machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    leader = cluster.leader()
+    out: dict[str, float] = {"client": sum(os.times()[:2])}
+    for i, node in enumerate(cluster.nodes):
+        who = "leader" if node is leader else f"follower{i}"
+        assert node.proc is not None
+        pids = {"supervisor": node.proc.pid}
+        pids |= {m[1]: int(m[2]) for m in re.finditer(r"started (\S+) \(pid (\d+)\)", node.log())}
+        for name, pid in pids.items():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            out[f"{who} {name}"] = (int(stat[11]) + int(stat[12])) / tick
+    return out
+
+
 def puts(cluster: ClusterProcess, n: int, concurrency: int, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     bodies = [body(seed * 10_000_000 + i, rng) for i in range(n)]
     leader = cluster.leader()
+    before = cpu_seconds(cluster)
     took, lat, failures = asyncio.run(
         post_many(leader.url + "/v1/cache/store", bodies, concurrency)
     )
+    after = cpu_seconds(cluster)
+    per_put = {k: round((after[k] - before.get(k, 0.0)) / n * 1e6) for k in after}
     return {
         "puts": n,
         "concurrency": concurrency,
@@ -124,6 +159,8 @@ def puts(cluster: ClusterProcess, n: int, concurrency: int, seed: int) -> dict[s
         "p50_ms": round(percentile(lat, 0.5) * 1000, 2),
         "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
         "failures": failures,
+        "cpu_us_per_put": {k: v for k, v in per_put.items() if v},
+        "cpu_us_per_put_total": sum(per_put.values()),
     }
 
 
@@ -273,7 +310,11 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--commit", help="run the node code of this git commit (exported)")
+    parser.add_argument("--msgpack", action="store_true", help="send msgpack bodies, not JSON")
     args = parser.parse_args()
+    if args.msgpack:
+        global CONTENT_TYPE
+        CONTENT_TYPE = "application/msgpack"
     results: dict[str, Any] = {"loadavg_before": os.getloadavg()}
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     env = {
@@ -301,9 +342,10 @@ def main() -> None:
         print("replicated puts:", results["puts"], flush=True)
         results["failover"] = [failover(cluster) for _ in range(args.failovers)]
         print("failover:", results["failover"], flush=True)
-        fill(cluster, args.entries)
-        results["catch_up"] = catch_up(cluster, args.catch_up_writes, args.catch_up_write_s)
-        print("snapshot catch-up:", results["catch_up"], flush=True)
+        if args.entries:
+            fill(cluster, args.entries)
+            results["catch_up"] = catch_up(cluster, args.catch_up_writes, args.catch_up_write_s)
+            print("snapshot catch-up:", results["catch_up"], flush=True)
     finally:
         for node in cluster.nodes:
             cluster.crash(node)
