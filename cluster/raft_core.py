@@ -71,6 +71,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.syncobj import SyncObjException
 
 from llmcache.cluster import commands, maintenance, snapshot
+from llmcache.cluster.compaction import CompactionHold
 from llmcache.cluster.fsm import Result, StateMachine
 from llmcache.cluster.ipc import IpcServer
 from llmcache.node.errors import RaftUnavailable, RequestDenied
@@ -306,6 +307,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         )
         peers = [p for p in options.peers if p != options.self_address]
         super().__init__(options.self_address, peers, conf)
+        self._compaction_hold = CompactionHold(self)  # see cluster/compaction.py
         self.addOnTickCallback(self._on_tick)
         self._leader_contact: float | None = None  # monotonic time of the last append entries
         self._conflict: tuple[int, int] | None = None  # (term, index): see _hold_conflict
@@ -480,6 +482,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         while self._tick_calls:
             self._tick_calls.popleft()()
         self._send_new_entries()
+        self._compaction_hold.tick()  # no log compaction while a snapshot is in flight
         # A group of one commits an entry on the tick after the one that logged it, and that
         # tick would wait for the poll timeout (50 ms): wake it at once while proposals wait.
         # Bigger groups are woken by their followers' acknowledgements.

@@ -1,7 +1,8 @@
 """Benchmark of a 3-node ``llmcache-node`` Raft group on loopback (not collected by pytest).
 
     python tests/bench/bench_cluster.py [--puts 6000] [--concurrency 32] [--entries 20000]
-                                        [--failovers 3] [--json out.json] [--commit REV]
+                                        [--failovers 3] [--catch-up-writes R]
+                                        [--catch-up-write-s S] [--json out.json] [--commit REV]
                                         [--msgpack]
 
 Starts three nodes (one worker each, ``LLMCACHE_EMBEDDER=none``) in a temporary directory on
@@ -24,8 +25,12 @@ free 127.0.0.1 ports, with namespace ``vec`` of tenant ``default`` set to embedd
    writers), a follower is killed, its data directory deleted and the node restarted; the rate
    is entries / time from the restart until ``/readyz`` answers 200 (which requires the
    snapshot installed and the log tail applied to within 100 entries) and its LMDB reaches the
-   leader's applied index. Log compaction runs every 1,000 entries, so the leader has a
-   snapshot.
+   leader's applied index. Log compaction runs every 1,000 entries or 5 s, so the leader has a
+   snapshot. ``--catch-up-writes R`` keeps a writer storing R kv entries/s (1 KB each) on the
+   leader from the restart until the follower is ready, for at most ``--catch-up-write-s``
+   seconds: under writes the leader keeps compacting, and without the compaction hold
+   (cluster/compaction.py) a transfer longer than the compaction interval made the follower
+   chase snapshots (``snapshots_installed`` counts the follower's installs).
 
 ``--commit REV`` runs that commit's node code (exported as in bench_http.py), so changes to
 the working tree during a long run cannot mix versions (a node restarted mid-run would load
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -44,6 +50,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -210,17 +217,61 @@ def count_entries(node: NodeProcess) -> int:
     return int(stats.get("entries", 0))
 
 
-def catch_up(cluster: ClusterProcess) -> dict[str, Any]:
+class SteadyWriter:
+    """A thread storing ``rate`` kv entries/s (1 KB responses) on ``node`` until stopped; a
+    failed write (503 under an election, connection error) is retried after 50 ms."""
+
+    def __init__(self, node: NodeProcess, rate: float) -> None:
+        self.node = node
+        self.rate = rate
+        self.acked = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SteadyWriter:
+        if self.rate > 0:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(60)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self.stopping.is_set():
+            request = {"key": f"steady-{uuid.uuid4().hex}", "response": "x" * RESPONSE_BYTES}
+            try:
+                code, _, _ = self.node.request("POST", "/v1/cache/store", request)
+            except OSError:
+                code = 0
+            if code != 201:
+                time.sleep(0.05)
+                continue
+            self.acked += 1
+            next_at += 1 / self.rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def catch_up(
+    cluster: ClusterProcess, writes_per_s: float = 0.0, write_s: float = 300.0
+) -> dict[str, Any]:
     leader = cluster.leader()
     follower = next(n for n in cluster.nodes if n is not leader)
     cluster.crash(follower)
     shutil.rmtree(follower.data_dir)
-    target = int(cluster.status(leader)["commit_index"])
     seen = len(follower.log())
     started = time.monotonic()
-    follower.start(wait=False)
+    with SteadyWriter(leader, writes_per_s) as writer:
+        follower.start(wait=False)
+        if writes_per_s > 0:  # writes go on until the follower is ready, or for write_s
+            with contextlib.suppress(AssertionError):  # not ready yet: the writes stop
+                follower.wait_ready(within_s=write_s)
+        writes_s = time.monotonic() - started
     follower.wait_ready(within_s=1800)
     ready_s = time.monotonic() - started
+    target = int(cluster.status(leader)["commit_index"])
     deadline = started + 1800
     applied = 0
     while applied < target and time.monotonic() < deadline:
@@ -230,12 +281,17 @@ def catch_up(cluster: ClusterProcess) -> dict[str, Any]:
     snapshot_bytes = sum(
         p.stat().st_size for p in (leader.data_dir / "raft").rglob("*") if p.is_file()
     )
+    installed = follower.log()[seen:].count("installed snapshot at applied index")
     return {
         "entries": count_entries(leader),
         "ready_s": round(ready_s, 2),
         "applied_s": round(applied_s, 2),
         "entries_per_s": round(count_entries(leader) / applied_s, 1),
-        "by_snapshot": "installed snapshot at applied index" in follower.log()[seen:],
+        "by_snapshot": installed > 0,
+        "snapshots_installed": installed,
+        "writes_during": writer.acked,
+        "writes_for_s": round(writes_s, 1),
+        "ready_while_writing": writes_per_s > 0 and ready_s <= writes_s + 1,
         "leader_raft_dir_mb": round(snapshot_bytes / 2**20, 1),
     }
 
@@ -246,6 +302,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--failovers", type=int, default=3)
+    parser.add_argument(
+        "--catch-up-writes", type=float, default=0.0, help="kv writes/s during the catch-up"
+    )
+    parser.add_argument(
+        "--catch-up-write-s", type=float, default=300.0, help="longest the writes go on"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--commit", help="run the node code of this git commit (exported)")
     parser.add_argument("--msgpack", action="store_true", help="send msgpack bodies, not JSON")
@@ -282,7 +344,7 @@ def main() -> None:
         print("failover:", results["failover"], flush=True)
         if args.entries:
             fill(cluster, args.entries)
-            results["catch_up"] = catch_up(cluster)
+            results["catch_up"] = catch_up(cluster, args.catch_up_writes, args.catch_up_write_s)
             print("snapshot catch-up:", results["catch_up"], flush=True)
     finally:
         for node in cluster.nodes:
