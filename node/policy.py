@@ -25,7 +25,7 @@ DEFAULT_THRESHOLD = 0.88
 Precision is worth more than recall in a cache (a wrong answer costs more than a miss), so the
 default sits well above the best-F1 point (0.75)."""
 
-DEFAULT_RERANK_THRESHOLD = 0.90
+DEFAULT_RERANK_THRESHOLD = 0.91
 """Re-ranking cosine (bge-small-en-v1.5) of a hit; see README "Quality" for how it was chosen."""
 
 
