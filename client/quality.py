@@ -12,6 +12,12 @@ the similarity the engine compares with a threshold and whether a verification g
 candidate. Texts are embedded up front in batches by the embedder itself and handed to the engine
 as vectors: the same vectors the engine would make, just batched. A hit at threshold ``t`` is
 then ``similarity >= t`` and no veto, exactly the engine's decision at ``t``.
+
+With a re-ranking model (``rerank_vectors``), a second replay runs the namespace with ``rerank``
+on and ``rerank_threshold`` 0 and no guards, and records each pair's re-ranking cosine as the
+engine computed it. :func:`cross_validate` trains the learned verifier (``node/verifier.py``) on
+k - 1 folds of the pairs and scores the held-out fold, so every reported number is measured on
+pairs its model never saw.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,8 @@ import numpy as np
 import numpy.typing as npt
 
 from llmcache.node import keys
-from llmcache.node.embed import Embedder
+from llmcache.node import verifier as learned
+from llmcache.node.embed import Embedder, EmbedResult
 from llmcache.node.errors import CacheError
 from llmcache.node.local import LocalCache
 
@@ -143,6 +150,26 @@ def embed_all(
     return vectors
 
 
+class TableEmbedder:
+    """An embedder answering from vectors embedded beforehand (in batches, by ``inner``): the
+    same vectors ``inner`` makes, without embedding each text again at every lookup. Texts not
+    in the table go to ``inner``."""
+
+    def __init__(self, inner: Embedder, table: dict[str, np.ndarray]) -> None:
+        self.inner = inner
+        self.table = table
+        self.identity = inner.identity
+        self.dim = inner.dim
+
+    def embed(self, texts: Sequence[str]) -> EmbedResult:
+        missing = [t for t in texts if t not in self.table]
+        if missing:
+            for text, vector in zip(missing, self.inner.embed(missing).vectors, strict=True):
+                self.table[text] = vector
+        vectors = np.stack([self.table[t] for t in texts]).astype(np.float32)
+        return EmbedResult(vectors, [0] * len(texts), [False] * len(texts))
+
+
 # -- replay through the engine ----------------------------------------------------------------
 
 
@@ -154,10 +181,17 @@ class Replay:
     vetoes: list[str | None]
     store_s: float
     lookup_s: float
+    rerank: Floats | None = None
+    """Per pair the re-ranking cosine the engine computed (replays with a re-ranking model)."""
 
 
-def _open_cache(tmp: str, embedder: Embedder, settings: dict[str, Any]) -> LocalCache:
-    cache = LocalCache(Path(tmp), embedders={"default": embedder}, durable=False)
+def _open_cache(
+    tmp: str, embedder: Embedder, settings: dict[str, Any], reranker: Embedder | None = None
+) -> LocalCache:
+    embedders = {"default": embedder}
+    if reranker is not None:
+        embedders["rerank"] = reranker
+    cache = LocalCache(Path(tmp), embedders=embedders, durable=False)
     cache.propose(cache.engine.prepare_tenant(TENANT))
     if settings:
         cache.propose(cache.engine.prepare_config(settings, TENANT))
@@ -183,17 +217,26 @@ def _store(cache: LocalCache, pairs: list[Pair], vectors: dict[str, np.ndarray])
 
 
 def replay(
-    pairs: list[Pair], vectors: dict[str, np.ndarray], embedder: Embedder, guards: str
+    pairs: list[Pair],
+    vectors: dict[str, np.ndarray],
+    embedder: Embedder,
+    guards: str,
+    reranker: Embedder | None = None,
 ) -> Replay:
-    """Store each text_a in its own scope, look up its text_b there with ``guards`` on."""
+    """Store each text_a in its own scope, look up its text_b there with ``guards`` on; with a
+    ``reranker``, re-ranking on (threshold 0) and the hit's re-ranking cosine recorded."""
+    settings: dict[str, Any] = {"guards": guards}
+    if reranker is not None:
+        settings.update(rerank=True, rerank_threshold=0.0)
     with tempfile.TemporaryDirectory(prefix="llmcache-quality-") as tmp:
-        cache = _open_cache(tmp, embedder, {"guards": guards})
+        cache = _open_cache(tmp, embedder, settings, reranker)
         try:
             t0 = time.perf_counter()
             ids = _store(cache, pairs, vectors)
             store_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores = np.empty(len(pairs), np.float64)
+            rerank = np.full(len(pairs), -1.0)
             vetoes: list[str | None] = []
             for i, p in enumerate(pairs):
                 key = keys.text_key(TENANT, p.namespace, p.text_b, {"pair": i})
@@ -202,8 +245,13 @@ def replay(
                 if best is None or best.entry.id != ids[i]:
                     raise RuntimeError(f"pair {i}: the engine did not return the pair's entry")
                 scores[i] = best.similarity
+                if found.hit is not None and found.hit.rerank is not None:
+                    rerank[i] = found.hit.rerank
                 vetoes.append(found.rejected[0][1] if found.rejected else None)
-            return Replay(scores, vetoes, store_s, time.perf_counter() - t0)
+            lookup_s = time.perf_counter() - t0
+            return Replay(
+                scores, vetoes, store_s, lookup_s, rerank if reranker is not None else None
+            )
         finally:
             cache.close(checkpoint=False)
 
@@ -298,6 +346,91 @@ def roc_auc(scores: Floats, labels: Bools) -> float:
     return float((ranks[labels].sum() - p * (p + 1) / 2.0) / (p * n)) if p and n else math.nan
 
 
+# -- the learned verifier, cross-validated -----------------------------------------------------
+
+
+def feature_rows(pairs: list[Pair], scores: Floats, rerank: Floats | None) -> learned.Matrix:
+    """Every pair's :func:`learned.features` (query ``text_b``, cached ``text_a``), as the
+    engine computes them from its own cosines."""
+    return np.array(
+        [
+            learned.features(
+                p.text_b, p.text_a, float(scores[i]), None if rerank is None else float(rerank[i])
+            )
+            for i, p in enumerate(pairs)
+        ],
+        np.float64,
+    )
+
+
+def feature_names(rerank: bool) -> list[str]:
+    """The features a verifier uses: all, or all but the re-ranking ones."""
+    return [f for f in learned.FEATURES if rerank or f not in learned.RERANK_FEATURES]
+
+
+def folds_of(n: int, k: int, seed: int = 0) -> npt.NDArray[np.int64]:
+    """Fold number of each of ``n`` pairs: a seeded random split into ``k`` near-equal folds."""
+    return np.asarray(np.random.default_rng(seed).permutation(n) % k, np.int64)
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    probabilities: Floats
+    """Out-of-fold: each eligible pair's probability from the model trained without its fold;
+    -1 for pairs that are not eligible (the verifier never sees them: below the threshold or
+    vetoed by a guard)."""
+    folds: npt.NDArray[np.int64]
+    models: list[learned.Verifier]
+
+
+def cross_validate(
+    rows: learned.Matrix,
+    labels: Bools,
+    names: list[str],
+    eligible: Bools | None = None,
+    *,
+    k: int = 5,
+    seed: int = 0,
+) -> CrossValidation:
+    """For each of ``k`` folds: train (:func:`learned.fit`) on the eligible pairs of the other
+    folds, score the eligible pairs of this one."""
+    x = learned.matrix(rows, names)
+    ok = np.ones(len(labels), bool) if eligible is None else eligible
+    folds = folds_of(len(labels), k, seed)
+    out = np.full(len(labels), -1.0)
+    models = []
+    for fold in range(k):
+        train, test = (folds != fold) & ok, (folds == fold) & ok
+        model = learned.fit(x[train], labels[train], names)
+        out[test] = learned.probabilities(model, x[test], names)
+        models.append(model)
+    return CrossValidation(out, folds, models)
+
+
+def train_verifier(
+    rows: learned.Matrix,
+    labels: Bools,
+    names: list[str],
+    target_precision: float,
+    eligible: Bools | None = None,
+    *,
+    k: int = 5,
+) -> tuple[learned.Verifier, Row] | None:
+    """A verifier for a tenant's own pairs: the lowest probability cut whose **held-out** hits
+    reach ``target_precision`` (k-fold), then the model refit on all eligible pairs with that
+    cut; with the cross-validated row at that cut (over all pairs: ineligible ones miss). None
+    when no cut reaches the target."""
+    cv = cross_validate(rows, labels, names, eligible, k=k)
+    found = lowest_threshold(cv.probabilities, labels, target_precision)
+    if found is None:
+        return None
+    cut = found[0]
+    ok = np.ones(len(labels), bool) if eligible is None else eligible
+    model = learned.fit(learned.matrix(rows, names)[ok], labels[ok], names)
+    verifier = learned.Verifier(model.weights, model.bias, cut)
+    return verifier, at_threshold(cv.probabilities, labels, cut)
+
+
 # -- adaptive thresholds, simulated on a labelled stream --------------------------------------
 
 
@@ -365,5 +498,33 @@ def adaptive_stream(
             return AdaptiveRun(
                 len(pairs), hits, wrong, probes, labelled, final, (half[0], half[1], half[2])
             )
+        finally:
+            cache.close(checkpoint=False)
+
+
+# -- latency of a lookup ----------------------------------------------------------------------
+
+
+def lookup_latency(
+    pairs: list[Pair],
+    embedder: Embedder,
+    settings: dict[str, Any],
+    reranker: Embedder | None = None,
+) -> Floats:
+    """Milliseconds of each ``text_b`` lookup (embedding included, nothing precomputed) in a
+    cache holding the ``text_a`` of ``pairs``, one scope per pair, with ``settings``; timing
+    numbers for notes and benchmarks, never for asserts."""
+    with tempfile.TemporaryDirectory(prefix="llmcache-latency-") as tmp:
+        cache = _open_cache(tmp, embedder, settings, reranker)
+        try:
+            vectors = embed_all(embedder, [p.text_a for p in pairs])
+            _store(cache, pairs, vectors)
+            out = np.empty(len(pairs), np.float64)
+            for i, p in enumerate(pairs):
+                key = keys.text_key(TENANT, p.namespace, p.text_b, {"pair": i})
+                t0 = time.perf_counter()
+                cache.engine.lookup(key)
+                out[i] = (time.perf_counter() - t0) * 1000
+            return out
         finally:
             cache.close(checkpoint=False)

@@ -22,7 +22,7 @@ import numpy as np
 
 from llmcache.client import quality as q
 from llmcache.node import guards
-from llmcache.node.embed import Embedder, default_embedder
+from llmcache.node.embed import Embedder, ModelIntegrityError, bge, default_embedder
 
 GRID = [round(0.70 + 0.02 * i, 2) for i in range(14)]  # 0.70 .. 0.96
 EXIT_OK, EXIT_MISSED, EXIT_USAGE = 0, 1, 2
@@ -129,6 +129,64 @@ def _plot(curves: dict[str, tuple[q.Floats, q.Floats]], path: Path) -> str:
 
 
 RECALLS = (0.3, 0.5, 0.7)
+DEFAULT_GATE = 0.70
+"""The embedder threshold under re-ranking and the verifier in ``eval``: candidates below it
+never reach the second stage (the lowest threshold of the grid)."""
+
+
+def _reranker(
+    pairs: list[q.Pair], path: Path | None, say: Callable[[str], None]
+) -> q.TableEmbedder:
+    """The re-ranking model with every text of ``pairs`` embedded up front (or read from the
+    vector cache ``path``)."""
+    try:
+        model = bge.BgeSmallEmbedder()
+    except (bge.RerankModelMissing, ModelIntegrityError) as exc:
+        _fail(f"--rerank: {exc}")
+    known: dict[str, np.ndarray] = {}
+    if path is not None and path.exists():
+        try:
+            known = q.load_vectors(path, model.identity)
+        except (q.DataError, OSError, ValueError, KeyError) as exc:
+            _fail(f"vector cache {path}: {exc}")
+        say(f"re-rank vector cache {path}: {len(known):,} texts")
+    texts = [t for p in pairs for t in (p.text_a, p.text_b)]
+    table = q.embed_all(model, texts, known)
+    if path is not None and len(table) > len(known):
+        q.save_vectors(path, table, model.identity)
+        say(f"wrote the re-rank vector cache {path}")
+    return q.TableEmbedder(model, table)
+
+
+def _latency(
+    pairs: list[q.Pair],
+    embedder: Embedder,
+    guard_names: str,
+    gate: float,
+    rerank: bool,
+    say: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
+    """Milliseconds per lookup (embedding included) without and with the second stage."""
+    configs: dict[str, tuple[dict[str, Any], Embedder | None]] = {
+        "guards": ({"guards": guard_names}, None)
+    }
+    if rerank:
+        # Threshold = the gate, so every candidate above it is re-ranked: the cost of the stage.
+        settings = {"guards": guard_names, "threshold": gate, "rerank": True}
+        configs["guards +rerank"] = (settings, bge.BgeSmallEmbedder())
+    out = {}
+    for name, (settings, reranker) in configs.items():
+        ms = q.lookup_latency(pairs, embedder, settings, reranker)
+        out[name] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)),
+            "mean_ms": float(ms.mean()),
+        }
+        say(
+            f"latency {name}: p50 {out[name]['p50_ms']:.1f} ms, p95 {out[name]['p95_ms']:.1f} ms,"
+            f" mean {out[name]['mean_ms']:.1f} ms per lookup ({len(pairs)} lookups)"
+        )
+    return out
 
 
 @click.command("eval")
@@ -149,6 +207,37 @@ RECALLS = (0.3, 0.5, 0.7)
     help="Also stream the pairs through an adaptive namespace with this bound δ.",
 )
 @click.option(
+    "--rerank",
+    is_flag=True,
+    help="Also replay with re-ranking (needs llmcache[rerank]): curve 'guards +rerank'.",
+)
+@click.option(
+    "--rerank-vectors",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Re-ranking model's embedding cache (.npz): read when it exists, else written.",
+)
+@click.option(
+    "--verifier",
+    "with_verifier",
+    is_flag=True,
+    help="Also cross-validate the learned verifier (k folds; with --rerank, with and without "
+    "its features): curves 'guards +verifier', 'guards +rerank +verifier'.",
+)
+@click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True)
+@click.option(
+    "--gate",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_GATE,
+    show_default=True,
+    help="Embedder threshold below which candidates never reach re-ranking or the verifier.",
+)
+@click.option(
+    "--latency",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also time N lookups (embedding included) per configuration.",
+)
+@click.option(
     "--adaptive-start",
     type=click.FloatRange(0.0, 1.0),
     default=0.95,
@@ -164,6 +253,12 @@ def eval_command(
     plot: Path | None,
     each_guard: bool,
     adaptive_delta: float | None,
+    rerank: bool,
+    rerank_vectors: Path | None,
+    with_verifier: bool,
+    folds: int,
+    gate: float,
+    latency: int,
     adaptive_start: float,
 ) -> None:
     """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
@@ -190,15 +285,36 @@ def eval_command(
         for name, guard in guards.GUARDS.items():
             veto = np.array([guard(p.text_b, p.text_a) for p in pairs], bool)
             variants[f"only {name}"] = q.effective(run.scores, veto)
+    second = _second_stage(
+        pairs,
+        vecs,
+        embedder,
+        labels,
+        run,
+        vetoed,
+        rerank,
+        rerank_vectors,
+        with_verifier,
+        folds,
+        gate,
+        say,
+    )
+    variants.update(second.pop("curves"))
+    result.update(second)
     result["at_recall"] = {
         name: {str(r): q.precision_at_recall(s, labels, r)[0] for r in RECALLS}
         for name, s in variants.items()
+    }
+    result["threshold_at_recall_0.5"] = {
+        name: q.precision_at_recall(s, labels, 0.5)[1] for name, s in variants.items()
     }
     for name in ("no guards", f"guards {guard_names}"):
         rows = [q.at_threshold(variants[name], labels, t) for t in GRID]
         result.setdefault("thresholds", {})[name] = [asdict(r) for r in rows]
         say(f"\n{name}:")
         _table(rows, say)
+    if latency:
+        result["latency"] = _latency(pairs[:latency], embedder, guard_names, gate, rerank, say)
     say("\nprecision at recall " + " / ".join(map(str, RECALLS)) + ":")
     for name, at in result["at_recall"].items():
         say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))
@@ -214,6 +330,60 @@ def eval_command(
         say(_plot(curves, plot))
     if as_json:
         click.echo(json.dumps(result, indent=1))
+
+
+def _second_stage(
+    pairs: list[q.Pair],
+    vecs: dict[str, np.ndarray],
+    embedder: Embedder,
+    labels: q.Bools,
+    run: q.Replay,
+    vetoed: q.Bools,
+    rerank: bool,
+    rerank_vectors: Path | None,
+    with_verifier: bool,
+    folds: int,
+    gate: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Curves of re-ranking and of the cross-validated verifier, behind the guards and the
+    gate: a pair the guards veto or whose embedder cosine is below ``gate`` misses."""
+    out: dict[str, Any] = {"curves": {}, "gate": gate}
+    eligible = ~vetoed & (run.scores >= gate)
+    rerank_scores = None
+    if rerank:
+        reranker = _reranker(pairs, rerank_vectors, say)
+        rr = q.replay(pairs, vecs, embedder, "none", reranker)
+        say(f"engine, re-ranking: looked up {len(pairs):,} in {rr.lookup_s:.1f} s")
+        assert rr.rerank is not None
+        rerank_scores = rr.rerank
+        out["rerank_model"] = reranker.identity
+        out["roc_auc_rerank"] = q.roc_auc(rerank_scores, labels)
+        out["curves"]["guards +rerank"] = np.where(eligible, rerank_scores, -1.0)
+    if with_verifier:
+        rows = q.feature_rows(pairs, run.scores, rerank_scores)
+        options = [False, True] if rerank else [False]
+        out["verifier"] = {"folds": folds, "protocol": "train on k-1 folds, score the held-out"}
+        for use_rerank in options:
+            names = q.feature_names(use_rerank)
+            cv = q.cross_validate(rows, labels, names, eligible, k=folds)
+            name = "guards +rerank +verifier" if use_rerank else "guards +verifier"
+            out["curves"][name] = cv.probabilities
+            per_fold = [
+                q.precision_at_recall(cv.probabilities[cv.folds == f], labels[cv.folds == f], 0.5)[
+                    0
+                ]
+                for f in range(folds)
+            ]
+            out["verifier"][name] = {
+                "precision_at_recall_0.5_per_fold": per_fold,
+                "weights_fold_0": dict(cv.models[0].weights),
+            }
+            say(
+                f"{name}: precision at recall 0.5 per held-out fold "
+                + " ".join(f"{v:.3f}" for v in per_fold)
+            )
+    return out
 
 
 def _adaptive(
@@ -279,6 +449,30 @@ def _adaptive(
 @vectors_option
 @limit_option
 @json_option
+@click.option(
+    "--train-verifier",
+    is_flag=True,
+    help="Train a learned verifier per namespace on these pairs instead of picking a threshold: "
+    "its probability cut is the lowest whose held-out hits (k-fold) reach the target.",
+)
+@click.option("--rerank", is_flag=True, help="With --train-verifier: use re-ranking features.")
+@click.option(
+    "--gate",
+    type=click.FloatRange(0.0, 1.0),
+    default=DEFAULT_GATE,
+    show_default=True,
+    help="With --train-verifier: the namespace threshold (candidates below it always miss).",
+)
+@click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True)
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Write each namespace's recommended settings to the cluster (ConfigSet through "
+    "--url, --token, --tenant).",
+)
+@click.option("--url", "urls", multiple=True, help="With --apply: a node (repeatable).")
+@click.option("--token", envvar="LLMCACHE_TOKEN", help="With --apply: token.")
+@click.option("--tenant", envvar="LLMCACHE_TENANT", help="With --apply: the tenant to configure.")
 def tune_command(
     data: Path,
     target_precision: float,
@@ -286,15 +480,31 @@ def tune_command(
     vectors: Path | None,
     limit: int | None,
     as_json: bool,
+    train_verifier: bool,
+    rerank: bool,
+    gate: float,
+    folds: int,
+    apply: bool,
+    urls: tuple[str, ...],
+    token: str | None,
+    tenant: str | None,
 ) -> None:
-    """Recommend a threshold per namespace from your own labelled pairs: the lowest one whose
-    hits reach --target-precision on them (with the given guards on). Exits 1 when a namespace
-    cannot reach it at any threshold."""
+    """Recommend settings per namespace from your own labelled pairs: the lowest threshold whose
+    hits reach --target-precision on them (with the given guards on), or with
+    --train-verifier a learned verifier. Exits 1 when a namespace cannot reach the target."""
     say = _say(as_json)
+    if rerank and not train_verifier:
+        _fail("--rerank needs --train-verifier")
+    if apply and not tenant:
+        _fail("--apply needs --tenant")
     pairs, embedder, vecs = _prepare(data, limit, vectors, say)
     run = q.replay(pairs, vecs, embedder, guard_names)
     vetoed = np.array([v is not None for v in run.vetoes], bool)
     scores = q.effective(run.scores, vetoed)
+    rerank_scores = None
+    if rerank:
+        rr = q.replay(pairs, vecs, embedder, "none", _reranker(pairs, None, say))
+        rerank_scores = rr.rerank
     by_namespace: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         by_namespace.setdefault(p.namespace, []).append(i)
@@ -303,6 +513,31 @@ def tune_command(
     for namespace, rows in sorted(by_namespace.items()):
         idx = np.array(rows)
         labels = np.array([pairs[i].label for i in rows], bool)
+        if train_verifier:
+            found_settings = _tune_verifier(
+                [pairs[i] for i in rows],
+                run.scores[idx],
+                None if rerank_scores is None else rerank_scores[idx],
+                ~vetoed[idx] & (run.scores[idx] >= gate),
+                labels,
+                target_precision,
+                gate,
+                folds,
+                rerank,
+            )
+            if found_settings is None:
+                missed = True
+                out[namespace] = {"pairs": len(rows), "settings": None}
+                say(f"{namespace}: no verifier reaches precision {target_precision} held out")
+                continue
+            settings, row = found_settings
+            out[namespace] = {"pairs": len(rows), "settings": settings, "held_out": asdict(row)}
+            say(
+                f"{namespace}: verifier (cut {row.threshold:.3f}) -> held-out precision "
+                f"{row.precision:.3f}, recall {row.recall:.3f}, hit rate {row.hit_rate:.3f} "
+                f"({len(rows)} pairs, {folds} folds)"
+            )
+            continue
         found = q.lowest_threshold(scores[idx], labels, target_precision)
         if found is None or not labels.any():
             missed = True
@@ -316,14 +551,62 @@ def tune_command(
         # Round up to the 0.005 grid the settings are usually written in, never down.
         threshold = min(1.0, math.ceil(threshold * 200 - 1e-9) / 200)
         row = q.at_threshold(scores[idx], labels, threshold)
-        out[namespace] = {"pairs": len(rows), **asdict(row)}
+        out[namespace] = {"pairs": len(rows), "settings": {"threshold": threshold}, **asdict(row)}
         say(
             f"{namespace}: threshold {threshold:.3f} -> precision {row.precision:.3f}, recall "
             f"{row.recall:.3f}, hit rate {row.hit_rate:.3f} ({len(rows)} pairs)"
         )
+    if apply:
+        assert tenant is not None
+        _apply(out, urls, token, tenant, say)
     if as_json:
         click.echo(json.dumps({"target_precision": target_precision, "namespaces": out}, indent=1))
     sys.exit(EXIT_MISSED if missed else EXIT_OK)
+
+
+def _tune_verifier(
+    pairs: list[q.Pair],
+    scores: q.Floats,
+    rerank_scores: q.Floats | None,
+    eligible: q.Bools,
+    labels: q.Bools,
+    target_precision: float,
+    gate: float,
+    folds: int,
+    rerank: bool,
+) -> tuple[dict[str, Any], q.Row] | None:
+    if labels.all() or not labels.any() or eligible.sum() < 2 * folds:
+        return None
+    rows = q.feature_rows(pairs, scores, rerank_scores)
+    try:
+        trained = q.train_verifier(
+            rows, labels, q.feature_names(rerank), target_precision, eligible, k=folds
+        )
+    except (ValueError, np.linalg.LinAlgError):
+        return None  # a fold without both labels, or a singular fit: too few pairs
+    if trained is None:
+        return None
+    verifier, row = trained
+    settings = {"threshold": gate, "verifier": verifier.dumps(), "rerank": rerank}
+    return settings, row
+
+
+def _apply(
+    out: dict[str, Any],
+    urls: tuple[str, ...],
+    token: str | None,
+    tenant: str,
+    say: Callable[[str], None],
+) -> None:
+    """Write every namespace's recommended settings (ConfigSet, replicated to every node)."""
+    from llmcache.client.commands import opened
+
+    with opened(urls, token, tenant) as client:
+        for namespace, found in out.items():
+            if found.get("settings"):
+                client.set_settings(tenant, found["settings"], namespace=namespace)
+                found["applied"] = True
+                say(f"{namespace}: settings written to tenant {tenant!r}")
 
 
 def register(group: click.Group) -> None:

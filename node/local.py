@@ -29,7 +29,8 @@ class LocalCache:
     Thread-safe: proposals are applied one at a time under a lock, lookups run concurrently.
     Durability is the store's (``durable=True``: every applied command is fsynced).
     ``embedders`` maps the names namespaces choose (setting ``embedder``) to embedders; without
-    it the default embedder (all-MiniLM-L6-v2) is loaded as ``default``.
+    it the default embedder (all-MiniLM-L6-v2) is loaded as ``default``, and the re-ranking
+    model as ``rerank`` when it is installed (loaded at its first use).
     """
 
     def __init__(
@@ -45,9 +46,11 @@ class LocalCache:
         rng: Callable[[], float] = random.random,
     ) -> None:
         if embedders is None:
-            from llmcache.node.embed import default_embedder
+            from llmcache.node.embed import bge, default_embedder
 
             embedders = {"default": default_embedder()}
+            if bge.available():
+                embedders["rerank"] = bge.LazyEmbedder()
         self.path = Path(path)
         self.store = Store(
             self.path / "store", durable=durable, map_size=map_size, max_map_size=max_map_size

@@ -180,7 +180,8 @@ SCHEMAS: dict[str, Schema] = {
             "rejected": {
                 "type": "array",
                 "items": obj({"id": ENTRY_ID, "guard": {"type": "string"}}, ("id", "guard")),
-                "description": "Candidates at or above the threshold vetoed by a guard.",
+                "description": "Candidates at or above the threshold vetoed by a guard, or by "
+                "the re-ranker (guard 'rerank') or the learned verifier (guard 'verifier').",
             },
             "probe": nullable(
                 {
@@ -330,6 +331,9 @@ SCHEMAS: dict[str, Schema] = {
                     "enabled": nullable({"type": "boolean"}),
                     "guards": nullable({"type": "string"}),
                     "adaptive_delta": nullable({"type": "number", "minimum": 0, "maximum": 0.5}),
+                    "rerank": nullable({"type": "boolean"}),
+                    "rerank_threshold": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+                    "verifier": nullable({"type": "string"}),
                 },
                 description="Merged into the tenant's (or namespace's) settings; null removes one.",
             ),

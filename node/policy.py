@@ -17,13 +17,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmcache.node import guards, limits
+from llmcache.node import guards, limits, verifier
 from llmcache.node.errors import InvalidRequest
 
 DEFAULT_THRESHOLD = 0.88
 """On the QQP dev pairs with the default embedder: precision 0.761 at recall 0.509 (README).
 Precision is worth more than recall in a cache (a wrong answer costs more than a miss), so the
 default sits well above the best-F1 point (0.75)."""
+
+DEFAULT_RERANK_THRESHOLD = 0.91
+"""Re-ranking cosine (bge-small-en-v1.5) of a hit; see README "Quality" for how it was chosen."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,18 @@ class Settings:
     """0: the fixed ``threshold``. Above 0: the threshold is learned from feedback so that the
     share of wrong hits stays under this bound (``node/adaptive.py``); ``threshold`` applies
     until enough labels back a lower or higher one."""
+
+    rerank: bool = False
+    """Re-rank the candidates at or above ``threshold`` that pass the guards by the re-ranking
+    model (bge-small-en-v1.5, ``llmcache[rerank]``; ``node/embed/bge.py``): the best by its
+    cosine is the hit if that cosine reaches ``rerank_threshold``. Costs one re-rank embedding
+    of the query and of each such candidate (README "Quality")."""
+    rerank_threshold: float = DEFAULT_RERANK_THRESHOLD
+    """Minimum re-ranking cosine of a hit when ``rerank`` is on and no ``verifier`` is set."""
+    verifier: str = ""
+    """A learned verifier (``node/verifier.py``, JSON written by ``llmcache-cli tune
+    --train-verifier``) deciding each candidate at or above ``threshold`` that passes the guards;
+    it replaces ``rerank_threshold``. Empty: none."""
 
     def merged(self, values: dict[str, Any]) -> Settings:
         return dataclasses.replace(self, **validate(values)) if values else self
@@ -96,6 +111,12 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     _check_range(out, "context_window", 0, limits.MAX_MESSAGES)
     _check_range(out, "top_k", 1, limits.MAX_TOP_K)
     _check_range(out, "adaptive_delta", 0.0, 0.5)
+    _check_range(out, "rerank_threshold", 0.0, 1.0)
+    if out.get("verifier"):
+        try:
+            verifier.parse(out["verifier"])
+        except verifier.VerifierError as exc:
+            raise InvalidRequest(str(exc), field="verifier") from None
     if out.get("guards") is not None:
         try:
             guards.parse(out["guards"])

@@ -31,6 +31,7 @@ from llmcache.node.embed import (
     Embedder,
     EmbeddingCache,
     RemoteEmbedder,
+    bge,
     default_embedder,
 )
 from llmcache.node.engine import Engine
@@ -53,9 +54,20 @@ def socket_path(cfg: NodeConfig) -> Path:
 
 
 def embedders(cfg: NodeConfig) -> dict[str, Embedder]:
-    """The node's embedder under the name ``default`` (namespaces may also say ``supplied``)."""
-    if cfg.embedder == "none":
+    """The node's embedder under the name ``default`` (namespaces may also say ``supplied``),
+    and the re-ranking model as ``rerank`` when it is installed (loaded at first use, through
+    the same embedding cache: a cached entry's text is re-rank-embedded once)."""
+    rerank = bge.available()
+    if cfg.embedder == "none" and not rerank:
         return {}
+    cache = EmbeddingCache(
+        Path(cfg.data_dir) / "embedding-cache", max_bytes=cfg.embedding_cache_bytes
+    )
+    out: dict[str, Embedder] = {}
+    if rerank:
+        out["rerank"] = CachedEmbedder(bge.LazyEmbedder(), cache)
+    if cfg.embedder == "none":
+        return out
     inner: Embedder
     if cfg.embedder == "remote":
         assert cfg.remote_embedder_url and cfg.remote_embedder_model and cfg.remote_embedder_dim
@@ -68,10 +80,8 @@ def embedders(cfg: NodeConfig) -> dict[str, Embedder]:
         )
     else:
         inner = default_embedder()
-    cache = EmbeddingCache(
-        Path(cfg.data_dir) / "embedding-cache", max_bytes=cfg.embedding_cache_bytes
-    )
-    return {"default": CachedEmbedder(inner, cache)}
+    out["default"] = CachedEmbedder(inner, cache)
+    return out
 
 
 def server_settings(cfg: NodeConfig) -> ServerSettings:

@@ -74,3 +74,25 @@ def test_feedback_teaches_an_adaptive_namespace_its_threshold(node: Served) -> N
     learned = lookup(node, "password reset", query)
     assert learned["status"] == "SEMANTIC_HIT" and learned["threshold"] == pytest.approx(0.92)
     assert metric(node, "llmcache_estimated_precision", tenant="default", namespace="q") == 1.0
+
+
+def test_a_verifier_setting_is_checked_and_applied_over_http(node: Served) -> None:
+    bad = node.call(
+        "PUT",
+        "/v1/tenants/default/settings",
+        {"namespace": "q", "values": {"verifier": '{"format": 1, "weights": {}, "bias": 0}'}},
+    )
+    assert bad.status == 400 and bad.error["field"] == "values.verifier"
+    # Accepts only pairs whose words overlap, whatever the cosine.
+    overlap = '{"format":1,"weights":{"word_jaccard":40.0},"bias":-20.0,"cut":0.5}'
+    settings = {"namespace": "q", "values": {"threshold": 0.8, "verifier": overlap}}
+    assert node.call("PUT", "/v1/tenants/default/settings", settings).status == 200
+    entry = store_text(
+        node, "reset my password", [float(x) for x in unit_vector("v")], namespace="q"
+    )
+    hit = lookup(node, "reset my password now", at_similarity("v", 0.9))
+    assert hit["status"] == "SEMANTIC_HIT"
+    miss = lookup(node, "bake a chocolate cake", at_similarity("v", 0.9))
+    assert miss["status"] == "MISS" and miss["rejected"] == [
+        {"id": entry["id"], "guard": "verifier"}
+    ]
