@@ -29,11 +29,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import tokenizers
 
-from llmcache.node.embed.base import EmbedResult, check_texts, normalize_rows, utf8_safe
-from llmcache.node.embed.minilm import ModelIntegrityError, verify_model
+from llmcache.node.embed.base import EmbedResult, check_texts, normalize_rows
+from llmcache.node.embed.minilm import (
+    ModelIntegrityError,
+    cpu_session,
+    verify_model,
+    word_pieces,
+)
 
 MODEL_NAME = "bge-small-en-v1.5-int8"
 MODEL_SHA256 = "68807e3ff2abb83cdd708d8243fd398246e397bfee2ba611c2bad728e27df743"
@@ -101,16 +105,7 @@ class BgeSmallEmbedder:
             raise ModelIntegrityError("tokenizer.json lacks [CLS] or [SEP]")
         self._cls: int = cls_id
         self._sep: int = sep_id
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(path / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = cpu_session(path / "model.onnx", threads)
 
     def __repr__(self) -> str:
         return f"BgeSmallEmbedder(identity={self.identity!r})"
@@ -120,17 +115,9 @@ class BgeSmallEmbedder:
         n = len(texts)
         if n == 0:
             return EmbedResult(np.zeros((0, DIM), dtype=np.float32), [], [])
-        encodings = self._tok.encode_batch([utf8_safe(t) for t in texts], add_special_tokens=False)
-        seqs: list[list[int]] = []
-        counts: list[int] = []
-        truncated: list[bool] = []
-        for enc in encodings:
-            ids: list[int] = enc.ids
-            counts.append(len(ids) + 2)
-            truncated.append(len(ids) + 2 > MAX_PIECES)
-            if truncated[-1]:
-                ids = ids[:HEAD_PIECES] + ids[-TAIL_PIECES:]
-            seqs.append([self._cls, *ids, self._sep])
+        seqs, counts, truncated = word_pieces(
+            self._tok, texts, (self._cls, self._sep), HEAD_PIECES, TAIL_PIECES
+        )
         out = np.empty((n, DIM), dtype=np.float32)
         for i, seq in enumerate(seqs):  # alone: see the module docstring
             out[i] = self._run(seq)

@@ -124,18 +124,7 @@ class MiniLMEmbedder:
         self._cls: int = cls_id
         self._sep: int = sep_id
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
-        # Calls are independent small graphs; parallelism comes from intra-op threads.
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads would otherwise spin and steal CPU from the server's other work.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # errors only
-        self._session = ort.InferenceSession(
-            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = cpu_session(path, threads)
 
     def __repr__(self) -> str:
         return f"MiniLMEmbedder(identity={self.identity!r})"
@@ -146,20 +135,9 @@ class MiniLMEmbedder:
         n = len(texts)
         if n == 0:
             return EmbedResult(np.zeros((0, DIM), dtype=np.float32), [], [])
-        encodings = self._tok.encode_batch([utf8_safe(t) for t in texts], add_special_tokens=False)
-        seqs: list[list[int]] = []
-        counts: list[int] = []
-        truncated: list[bool] = []
-        for enc in encodings:
-            ids: list[int] = enc.ids
-            counts.append(len(ids) + 2)
-            if len(ids) + 2 > MAX_PIECES:
-                ids = ids[:HEAD_PIECES] + ids[-TAIL_PIECES:]
-                truncated.append(True)
-            else:
-                truncated.append(False)
-            seqs.append([self._cls, *ids, self._sep])
-
+        seqs, counts, truncated = word_pieces(
+            self._tok, texts, (self._cls, self._sep), HEAD_PIECES, TAIL_PIECES
+        )
         out = np.empty((n, DIM), dtype=np.float32)
         for idx in _chunks([len(s) for s in seqs]):
             out[idx] = self._run([seqs[i] for i in idx])
@@ -179,6 +157,44 @@ class MiniLMEmbedder:
         m = mask[:, :, None].astype(np.float32)
         pooled = (np.asarray(hidden, dtype=np.float32) * m).sum(axis=1) / m.sum(axis=1)
         return normalize_rows(pooled)
+
+
+def cpu_session(path: Path, threads: int | None) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU for one sentence model (``threads``: intra-op threads,
+    None: one per core, at most 4)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
+    # Calls are independent small graphs; parallelism comes from intra-op threads.
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would otherwise spin and steal CPU from the server's other work.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def word_pieces(
+    tok: tokenizers.Tokenizer,
+    texts: Sequence[str],
+    cls_sep: tuple[int, int],
+    head: int,
+    tail: int,
+) -> tuple[list[list[int]], list[int], list[bool]]:
+    """Each text's ``[CLS] pieces [SEP]`` with the long-text policy (the module docstring):
+    past ``head + tail`` content pieces only the first ``head`` and last ``tail`` are kept.
+    Returns the sequences, the true piece counts and which were cut."""
+    seqs: list[list[int]] = []
+    counts: list[int] = []
+    truncated: list[bool] = []
+    for enc in tok.encode_batch([utf8_safe(t) for t in texts], add_special_tokens=False):
+        ids: list[int] = enc.ids
+        counts.append(len(ids) + 2)
+        truncated.append(len(ids) > head + tail)
+        if truncated[-1]:
+            ids = ids[:head] + ids[-tail:]
+        seqs.append([cls_sep[0], *ids, cls_sep[1]])
+    return seqs, counts, truncated
 
 
 def _chunks(lengths: list[int]) -> list[list[int]]:
