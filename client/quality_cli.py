@@ -80,19 +80,30 @@ def _prepare(
     positives = sum(p.label for p in pairs)
     say(f"{data.name}: {len(pairs):,} pairs, {positives:,} should hit; {skipped} skipped (blank)")
     embedder = default_embedder()
+    return pairs, embedder, _embed_pairs(embedder, pairs, vectors_path, "vector cache", say)
+
+
+def _embed_pairs(
+    embedder: Embedder,
+    pairs: list[q.Pair],
+    path: Path | None,
+    what: str,
+    say: Callable[[str], None],
+) -> dict[str, np.ndarray]:
+    """Every text of ``pairs`` embedded, reading and extending the vector cache ``path``."""
     known: dict[str, np.ndarray] = {}
-    if vectors_path is not None and vectors_path.exists():
+    if path is not None and path.exists():
         try:
-            known = q.load_vectors(vectors_path, embedder.identity)
+            known = q.load_vectors(path, embedder.identity)
         except (q.DataError, OSError, ValueError, KeyError) as exc:
-            _fail(f"vector cache {vectors_path}: {exc}")
-        say(f"vector cache {vectors_path}: {len(known):,} texts")
+            _fail(f"{what} {path}: {exc}")
+        say(f"{what} {path}: {len(known):,} texts")
     texts = [t for p in pairs for t in (p.text_a, p.text_b)]
     vectors = q.embed_all(embedder, texts, known)
-    if vectors_path is not None and len(vectors) > len(known):
-        q.save_vectors(vectors_path, vectors, embedder.identity)
-        say(f"wrote the vector cache {vectors_path}")
-    return pairs, embedder, vectors
+    if path is not None and len(vectors) > len(known):
+        q.save_vectors(path, vectors, embedder.identity)
+        say(f"wrote the {what} {path}")
+    return vectors
 
 
 def _table(rows: list[q.Row], say: Callable[[str], None]) -> None:
@@ -143,19 +154,7 @@ def _reranker(
         model = bge.BgeSmallEmbedder()
     except (bge.RerankModelMissing, ModelIntegrityError) as exc:
         _fail(f"--rerank: {exc}")
-    known: dict[str, np.ndarray] = {}
-    if path is not None and path.exists():
-        try:
-            known = q.load_vectors(path, model.identity)
-        except (q.DataError, OSError, ValueError, KeyError) as exc:
-            _fail(f"vector cache {path}: {exc}")
-        say(f"re-rank vector cache {path}: {len(known):,} texts")
-    texts = [t for p in pairs for t in (p.text_a, p.text_b)]
-    table = q.embed_all(model, texts, known)
-    if path is not None and len(table) > len(known):
-        q.save_vectors(path, table, model.identity)
-        say(f"wrote the re-rank vector cache {path}")
-    return q.TableEmbedder(model, table)
+    return q.TableEmbedder(model, _embed_pairs(model, pairs, path, "re-rank vector cache", say))
 
 
 def _latency(
