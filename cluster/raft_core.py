@@ -318,10 +318,14 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         handler = self._SyncObj__onMessageReceived
 
         def on_message(node: Any, message: Any) -> None:
-            if isinstance(message, dict) and message.get("type") == "append_entries":
+            kind = message.get("type") if isinstance(message, dict) else None
+            if kind == "append_entries":
                 self._leader_contact = time.monotonic()
                 message = self._hold_conflict(self._whole_large_entry(message))
+            in_flight = self._SyncObj__raftNextIndex.get(node) if kind == "next_node_idx" else None
             handler(node, message)
+            if in_flight is not None and message["success"] and not message["reset"]:
+                self._keep_next_index(node, in_flight)
             chunk = message.get("serialized") if isinstance(message, dict) else None
             if chunk is not None and not chunk[2]:
                 # A follower answers nothing until a snapshot's last chunk, so the leader's
@@ -332,6 +336,16 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
                 self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
 
         transport.setOnMessageReceivedCallback(on_message)
+
+    def _keep_next_index(self, node: Any, in_flight: int) -> None:
+        """Work around pysyncobj's pipelining: the leader sends a follower's entries batch after
+        batch, moving its next index on, but each acknowledgement set the next index back to
+        just after the batch it acknowledged, so every batch sent meanwhile was sent again and
+        the follower truncated and re-appended it (one append entries in seven, 3,000 puts).
+        An acknowledgement now only moves the match index; the next index stays with what is
+        in flight. A follower that lacks entries still answers a refusal that resets it."""
+        if self._SyncObj__raftNextIndex.get(node, in_flight) < in_flight:
+            self._SyncObj__raftNextIndex[node] = in_flight
 
     def _whole_large_entry(self, message: dict[str, Any]) -> dict[str, Any]:
         """Work around a pysyncobj bug: an entry of 64 KB or more travels in chunks of its
