@@ -501,7 +501,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         # tick would wait for the poll timeout (50 ms): wake it at once while proposals wait.
         # Bigger groups are woken by their followers' acknowledgements.
         if self._outstanding and not self.otherNodes:
-            self._wake.notify()
+            self._notify()
 
     def _send_new_entries(self) -> None:
         """On the leader, send this tick's new entries and commit index to every follower at
@@ -509,7 +509,7 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
         100 ms added to every write) and, without batching, one message per command per
         follower, each pickled, compressed and encrypted on its own: with tens of proposals per
         tick that was the largest part of the leader's CPU per write. Sending once per tick
-        keeps the latency of the second and the cost of the first."""
+        gives the latency of per-command sends at nearly the cost of the timer."""
         if not self._isLeader():
             return
         sent = (self.raftCurrentTerm, self._SyncObj__getCurrentLogIndex(), self.raftCommitIndex)
