@@ -336,6 +336,21 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
                 self._SyncObj__sendNextNodeIdx(node, success=False, reset=False)
 
         transport.setOnMessageReceivedCallback(on_message)
+        serializer = self._SyncObj__serializer
+        next_chunk = serializer.getTransmissionData
+
+        def paced_chunk(node: Any) -> Any:
+            # pysyncobj queues snapshot chunks for 0.1 s per send, whatever the socket drains,
+            # into a bytes buffer it grows and slices with a copy per call: at 500 MB the
+            # leader's tick thread spent seconds copying, heartbeats queued behind the chunks,
+            # and the group lost its leader again and again. While this follower's connection
+            # still holds unsent bytes, no new chunk: None sends a heartbeat instead.
+            connection = transport._connections.get(node)
+            if connection is not None and connection._TcpConnection__writeBuffer:
+                return None
+            return next_chunk(node)
+
+        serializer.getTransmissionData = paced_chunk
 
     def _keep_next_index(self, node: Any, in_flight: int) -> None:
         """Work around pysyncobj's pipelining: the leader sends a follower's entries batch after

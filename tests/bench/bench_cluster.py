@@ -271,7 +271,9 @@ def catch_up(
         writes_s = time.monotonic() - started
     follower.wait_ready(within_s=1800)
     ready_s = time.monotonic() - started
-    target = int(cluster.status(leader)["commit_index"])
+    # The leader's LMDB, not its commit index: a leader change during the catch-up ends the log
+    # with pysyncobj's own no-op, which never reaches the store (the wait ran to its deadline).
+    target, _ = cluster.store_state(leader)
     deadline = started + 1800
     applied = 0
     while applied < target and time.monotonic() < deadline:
