@@ -243,6 +243,14 @@ def _latency(
     show_default=True,
     help="The adaptive namespace's configured threshold (used until labels back another).",
 )
+@click.option(
+    "--adaptive-bound",
+    type=click.Choice(["should_miss", "hits"]),
+    default="should_miss",
+    show_default=True,
+    help="What δ bounds: the wrong-hit rate of lookups that should miss, or the wrong share "
+    "of hits (setting adaptive_bound).",
+)
 def eval_command(
     data: Path,
     guard_names: str,
@@ -259,6 +267,7 @@ def eval_command(
     gate: float,
     latency: int,
     adaptive_start: float,
+    adaptive_bound: str,
 ) -> None:
     """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
     precision, recall, F1, hit rate and wrong-hit rate per threshold, with and without guards."""
@@ -319,7 +328,14 @@ def eval_command(
         say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))
     if adaptive_delta is not None:
         result["adaptive"] = _adaptive(
-            pairs, vecs, embedder, labels, guarded, guard_names, adaptive_delta, adaptive_start, say
+            pairs,
+            vecs,
+            embedder,
+            labels,
+            guarded,
+            guard_names,
+            (adaptive_delta, adaptive_bound, adaptive_start),
+            say,
         )
     if plot is not None:
         curves = {}
@@ -362,10 +378,13 @@ def _second_stage(
     if with_verifier:
         rows = q.feature_rows(pairs, run.scores, rerank_scores)
         options = [False, True] if rerank else [False]
-        out["verifier"] = {"folds": folds, "protocol": "train on k-1 folds, score the held-out"}
+        out["verifier"] = {
+            "folds": folds,
+            "protocol": "train on k-1 folds, score the held-out; pairs sharing a text share a fold",
+        }
         for use_rerank in options:
             names = q.feature_names(use_rerank)
-            cv = q.cross_validate(rows, labels, names, eligible, k=folds)
+            cv = q.cross_validate(rows, labels, names, q.folds_of(pairs, folds), eligible)
             name = "guards +rerank +verifier" if use_rerank else "guards +verifier"
             out["curves"][name] = cv.probabilities
             per_fold = [
@@ -392,15 +411,23 @@ def _adaptive(
     labels: q.Bools,
     guarded: q.Floats,
     guard_names: str,
-    delta: float,
-    start: float,
+    adaptive: tuple[float, str, float],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
+    """``adaptive`` is (δ, what it bounds, the configured threshold it starts from)."""
+    delta, bound, start = adaptive
     run = q.adaptive_stream(
-        pairs, vecs, embedder, delta=delta, start_threshold=start, guards=guard_names
+        pairs,
+        vecs,
+        embedder,
+        delta=delta,
+        start_threshold=start,
+        guards=guard_names,
+        bound=bound,
     )
     lookups2, hits2, wrong2 = run.second_half
     out: dict[str, Any] = asdict(run)
+    out["delta"], out["bound"] = delta, bound
     out["precision"] = run.precision
     out["wrong_hit_rate"] = run.wrong_hits / max(1, int((~labels).sum()))
     out["wrong_hits_per_lookup"] = run.wrong_hits / run.lookups
@@ -420,7 +447,7 @@ def _adaptive(
         }
     )
     say(
-        f"\nadaptive δ={delta}: {run.hits:,} hits of {run.lookups:,} lookups "
+        f"\nadaptive δ={delta} ({bound}): {run.hits:,} hits of {run.lookups:,} lookups "
         f"(hit rate {out['hit_rate']:.3f}), wrong share of hits {1 - run.precision:.3f}, "
         f"wrong-hit rate {out['wrong_hit_rate']:.3f} "
         f"(second half {out['second_half_wrong_share']:.3f}, hit rate "
@@ -579,7 +606,12 @@ def _tune_verifier(
     rows = q.feature_rows(pairs, scores, rerank_scores)
     try:
         trained = q.train_verifier(
-            rows, labels, q.feature_names(rerank), target_precision, eligible, k=folds
+            rows,
+            labels,
+            q.feature_names(rerank),
+            target_precision,
+            q.folds_of(pairs, folds),
+            eligible,
         )
     except (ValueError, np.linalg.LinAlgError):
         return None  # a fold without both labels, or a singular fit: too few pairs

@@ -1,30 +1,35 @@
-"""Adaptive thresholds: a namespace learns the lowest threshold whose wrong-hit share stays under δ.
+"""Adaptive thresholds: a namespace learns the lowest threshold whose wrong hits stay under δ.
 
 The learned state of a (tenant, namespace) is a histogram of feedback labels by similarity:
 ``BUCKETS`` buckets of width 0.01, each counting ``correct`` and ``wrong`` labels. It is
 replicated: ``Feedback`` commands carry the similarity and the label, and the state machine adds
 them up (integer counts, so every node holds the same histogram at the same log index).
 
-From the histogram, :func:`learned_threshold` picks the lowest grid threshold ``t`` such that,
-among labelled lookups whose best candidate scored ``>= t``, a one-sided upper confidence bound
-(Wilson score, ``z`` = 1.645, i.e. 95 %) on the share of wrong ones is at most δ, and at least
-``min_labels`` labels back it. With too few labels there is no such ``t`` and the namespace's
+What δ bounds (setting ``adaptive_bound``):
+
+- ``should_miss`` (default): the **wrong-hit rate**, the share of lookups whose best candidate
+  is wrong (lookups that should miss) that are served that candidate anyway. It also bounds
+  the share of *all* lookups answered wrongly (vCache's error rate), which is never larger.
+- ``hits``: the share of served hits that are wrong (precision ≥ 1 − δ), the stricter promise.
+
+From the histogram, :func:`learned_threshold` picks the lowest grid threshold ``t`` at which a
+one-sided upper confidence bound (Wilson score, ``z`` = 1.645, i.e. 95 %) on that share is at
+most δ, with at least ``min_labels`` labels behind it (wrong labels for ``should_miss``, labels
+at or above ``t`` for ``hits``). With too few labels there is no such ``t`` and the namespace's
 configured threshold applies: the cache starts conservative. When the labels show that even the
 configured threshold breaks the bound and no threshold keeps it, the namespace serves exact hits
 only (:data:`NO_SEMANTIC_HITS`).
 
-Exploration: labels above the current threshold come from served hits. To learn whether a lower
-threshold would do, a miss whose best candidate lies within :data:`EXPLORE_BAND` below the
-current threshold is flagged as a *probe*: the caller was going to call the model anyway, so a
-judge (or a person) comparing the fresh answer with the candidate's costs no wrong answer, and
-its label (sent to ``/v1/cache/feedback`` with the similarity) extends the histogram downwards.
-The threshold therefore descends at most one band below the lowest labels it has: careful when
-labels are few, and never served blind.
+Exploration: every miss of an adaptive namespace that had a candidate is flagged as a *probe*
+(with the candidate's similarity, or 0 when a guard or the verifier vetoed it: it would not be
+served at any threshold). The caller was going to call the model anyway, so a judge (or a
+person) comparing the fresh answer with the candidate's costs no wrong answer, and its label
+(sent to ``/v1/cache/feedback`` with the similarity) tells where the threshold may go. Labels
+below the threshold never serve anything; the threshold moves down only where labels back it.
 
-Assumption behind the bound: labels are a uniform sample of the lookups above the lowest
-labelled similarity (every hit and every probe labelled, or each with the same probability).
-Feedback only on complaints (wrong hits) makes the estimate pessimistic; feedback only on
-probes and not on hits makes it optimistic.
+Assumption behind the bound: labels are a uniform sample of the lookups (every hit and every
+probe labelled, or each with the same probability). Feedback only on complaints (wrong hits)
+makes the estimate pessimistic; feedback on probes and not on hits makes it optimistic.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ Z_95 = 1.645
 """One-sided 95 % normal quantile of the Wilson bound."""
 MIN_LABELS = 30
 """No threshold is learned from fewer labels at or above it."""
-EXPLORE_BAND = 0.05
-"""How far below the current threshold a miss's best candidate is flagged as a probe."""
+BOUNDS = ("should_miss", "hits")
+"""What δ bounds: the wrong-hit rate of lookups that should miss, or the wrong share of hits."""
 
 
 def bucket(similarity: float) -> int:
@@ -100,9 +105,9 @@ def wilson_lower(failures: int, n: int, z: float = Z_95) -> float:
     return 1.0 - wilson_upper(n - failures, n, z) if n else 0.0
 
 
-NO_SEMANTIC_HITS = 1.0 + EXPLORE_BAND
+NO_SEMANTIC_HITS = 1.05
 """The threshold of a namespace whose labels refute every threshold: above any similarity, so
-only exact hits are served, while probes keep labelling the top band in case it recovers."""
+only exact hits are served, while probes keep labelling in case it recovers."""
 
 
 def learned_threshold(
@@ -110,32 +115,38 @@ def learned_threshold(
     delta: float,
     fallback: float,
     *,
+    bound: str = "should_miss",
     min_labels: int = MIN_LABELS,
     z: float = Z_95,
 ) -> float:
     """The threshold a namespace with bound ``delta`` uses now.
 
-    - The lowest threshold on the 0.01 grid whose labelled hits have an upper bound on their
-      wrong share of at most ``delta`` (see the module docstring); it is always the bucket of
-      some label, never below the lowest similarity labelled so far.
-    - Else, when the labels at or above ``fallback`` (the configured threshold) show with 95 %
-      confidence that its wrong share exceeds ``delta``: :data:`NO_SEMANTIC_HITS`.
+    - The lowest threshold on the 0.01 grid at which the upper bound on the share ``bound``
+      names is at most ``delta`` (see the module docstring); it is always the bucket of some
+      label, never below the lowest similarity labelled so far.
+    - Else, when the labels show with 95 % confidence that the configured threshold
+      ``fallback`` breaks the bound: :data:`NO_SEMANTIC_HITS`.
     - Else ``fallback``: too few labels to decide either way.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, not {bound!r}")
+    all_wrong = sum(labels.wrong)
     best: float | None = None
     right = wrong = 0
     for b in range(BUCKETS - 1, -1, -1):
         right += labels.correct[b]
         wrong += labels.wrong[b]
-        n = right + wrong
         # Only a bucket with labels of its own: no evidence, no lower threshold.
-        has_labels = labels.correct[b] + labels.wrong[b] > 0
-        if has_labels and n >= min_labels and wilson_upper(wrong, n, z) <= delta:
+        if labels.correct[b] + labels.wrong[b] == 0:
+            continue
+        failures, n = (wrong, all_wrong) if bound == "should_miss" else (wrong, right + wrong)
+        if n >= min_labels and wilson_upper(failures, n, z) <= delta:
             best = b / BUCKETS
     if best is not None:
         return best
     start = bucket(fallback)
     right, wrong = sum(labels.correct[start:]), sum(labels.wrong[start:])
-    if right + wrong >= min_labels and wilson_lower(wrong, right + wrong, z) > delta:
+    failures, n = (wrong, all_wrong) if bound == "should_miss" else (wrong, right + wrong)
+    if n >= min_labels and wilson_lower(failures, n, z) > delta:
         return NO_SEMANTIC_HITS
     return fallback

@@ -71,9 +71,10 @@ class LookupResult:
     """Candidates at or above the threshold vetoed by a guard: (entry id, guard name); the
     re-ranker's and the verifier's vetoes are named ``rerank`` and ``verifier``."""
     probe: Hit | None = None
-    """On a miss of an adaptive namespace: the best candidate when it lies just below the
-    learned threshold. Label it (compare the fresh answer with its response) and send the label
-    with its similarity to feedback: that is how the threshold learns to go lower."""
+    """On a miss of an adaptive namespace: the best candidate, with the similarity to send with
+    its label (0 when a guard or the verifier vetoed it: no threshold would serve it). Label it
+    (compare the fresh answer with its response) and send the label to feedback: that is how
+    the threshold learns where it may go (``node/adaptive.py``)."""
 
 
 class AccessStats:
@@ -122,7 +123,9 @@ class Engine:
         self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
         # (tenant, namespace, δ, configured threshold) -> (histogram bytes, threshold, precision):
         # the learned threshold is recomputed only when the replicated histogram changed.
-        self._learned: dict[tuple[str, str, float, float], tuple[bytes, float, float | None]] = {}
+        self._learned: dict[
+            tuple[str, str, float, str, float], tuple[bytes, float, float | None]
+        ] = {}
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -229,11 +232,14 @@ class Engine:
                 tuple(rejected),
             )
         probe = None
-        if settings.adaptive_delta > 0 and candidates and not rejected:
+        if settings.adaptive_delta > 0 and candidates:
             best = candidates[0]
-            if min(threshold, 1.0) - adaptive.EXPLORE_BAND <= best.similarity < threshold:
-                probe = best
-                metrics.PROBES.labels(key.tenant).inc()
+            vetoed = any(entry_id == best.entry.id for entry_id, _ in rejected) or (
+                best.similarity < threshold
+                and guards.verify(key.text, best.entry.text, names) is not None
+            )
+            probe = dataclasses.replace(best, similarity=0.0) if vetoed else best
+            metrics.PROBES.labels(key.tenant).inc()
         return LookupResult(
             "miss", None, threshold, candidates, tokens, truncated, tuple(rejected), probe
         )
@@ -297,12 +303,18 @@ class Engine:
             return settings.threshold
         with self.store.read() as txn:
             raw = bytes(txn.get(join(tenant, namespace), db=self.store.dbs["quality"]) or b"")
-        key = (tenant, namespace, settings.adaptive_delta, settings.threshold)
+        key = (
+            tenant,
+            namespace,
+            settings.adaptive_delta,
+            settings.adaptive_bound,
+            settings.threshold,
+        )
         cached = self._learned.get(key)
         if cached is None or cached[0] != raw:
             labels = adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
             threshold = adaptive.learned_threshold(
-                labels, settings.adaptive_delta, settings.threshold
+                labels, settings.adaptive_delta, settings.threshold, bound=settings.adaptive_bound
             )
             if len(self._learned) > SETTINGS_CACHE_SIZE:
                 self._learned.clear()

@@ -121,7 +121,7 @@ ESTIMATED_PRECISION = Gauge(
 )
 PROBES = Counter(
     "llmcache_probes_total",
-    "Misses flagged as probes just below a learned threshold (adaptive exploration).",
+    "Misses of adaptive namespaces flagged as probes to label (adaptive exploration).",
     ["tenant"],
 )
 

@@ -15,7 +15,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from llmcache.node import limits
+from llmcache.node import adaptive, limits
 
 VERSION = "0.1.0"
 JSON = "application/json"
@@ -331,6 +331,7 @@ SCHEMAS: dict[str, Schema] = {
                     "enabled": nullable({"type": "boolean"}),
                     "guards": nullable({"type": "string"}),
                     "adaptive_delta": nullable({"type": "number", "minimum": 0, "maximum": 0.5}),
+                    "adaptive_bound": nullable({"type": "string", "enum": list(adaptive.BOUNDS)}),
                     "rerank": nullable({"type": "boolean"}),
                     "rerank_threshold": nullable({"type": "number", "minimum": 0, "maximum": 1}),
                     "verifier": nullable({"type": "string"}),

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from llmcache.node import guards, limits, verifier
+from llmcache.node import adaptive, guards, limits, verifier
 from llmcache.node.errors import InvalidRequest
 
 DEFAULT_THRESHOLD = 0.88
@@ -56,8 +56,12 @@ class Settings:
     ``none`` runs none, ``all`` every one."""
     adaptive_delta: float = 0.0
     """0: the fixed ``threshold``. Above 0: the threshold is learned from feedback so that the
-    share of wrong hits stays under this bound (``node/adaptive.py``); ``threshold`` applies
-    until enough labels back a lower or higher one."""
+    wrong hits stay under this bound (``node/adaptive.py``); ``threshold`` applies until enough
+    labels back a lower or higher one."""
+    adaptive_bound: str = "should_miss"
+    """What ``adaptive_delta`` bounds: ``should_miss``, the share of lookups whose best candidate
+    is wrong that are served it (the wrong-hit rate); ``hits``, the share of hits that are
+    wrong."""
 
     rerank: bool = False
     """Re-rank the candidates at or above ``threshold`` that pass the guards by the re-ranking
@@ -117,6 +121,10 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             verifier.parse(out["verifier"])
         except verifier.VerifierError as exc:
             raise InvalidRequest(str(exc), field="verifier") from None
+    if out.get("adaptive_bound") is not None and out["adaptive_bound"] not in adaptive.BOUNDS:
+        raise InvalidRequest(
+            f"adaptive_bound must be one of {list(adaptive.BOUNDS)}", field="adaptive_bound"
+        )
     if out.get("guards") is not None:
         try:
             guards.parse(out["guards"])

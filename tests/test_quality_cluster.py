@@ -37,7 +37,12 @@ def call(node: NodeProcess, method: str, path: str, body: Any) -> Any:
 
 def test_feedback_on_any_node_teaches_every_node(cluster: ClusterProcess) -> None:
     nodes = cluster.nodes
-    settings = {"embedder": "supplied", "threshold": 0.97, "adaptive_delta": 0.1}
+    settings = {
+        "embedder": "supplied",
+        "threshold": 0.97,
+        "adaptive_delta": 0.1,
+        "adaptive_bound": "hits",
+    }
     call(nodes[1], "PUT", "/v1/tenants/default/settings", {"namespace": "q", "values": settings})
     entry = call(
         nodes[1],

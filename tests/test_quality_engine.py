@@ -75,13 +75,14 @@ def feedback(cache: LocalCache, entry_id: int, similarity: float, label: str) ->
 
 def test_adaptive_threshold_learns_from_replicated_feedback(cache: LocalCache) -> None:
     engine = cache.engine
-    cache.propose(engine.prepare_config({"threshold": 0.95, "adaptive_delta": 0.05}, "t1", "ns"))
+    settings = {"threshold": 0.95, "adaptive_delta": 0.05, "adaptive_bound": "hits"}
+    cache.propose(engine.prepare_config(settings, "t1", "ns"))
     v = unit_vector("stored")
     entry_id = put(cache, "How do I reset my password?", v)
     key = keys.text_key("t1", "ns", "Steps to reset a password?")
     query = at_similarity(v, 0.92)
     first = engine.lookup(key, vector=query)
-    # Too few labels: the configured 0.95 holds, and 0.92 is a probe just below it.
+    # Too few labels: the configured 0.95 holds, and the 0.92 candidate is a probe.
     assert first.status == "miss" and first.threshold == 0.95
     assert first.probe is not None and first.probe.entry.id == entry_id
     for i in range(60):  # correct labels between 0.90 and 0.96
@@ -97,13 +98,45 @@ def test_adaptive_threshold_learns_from_replicated_feedback(cache: LocalCache) -
     assert after.status == "miss" and after.threshold > 0.92
     labels = engine.labels("t1", "ns")
     assert labels.total == 90 and sum(labels.wrong) == 30
-    # Labels that refute even the configured 0.95: exact hits only, the top band still probed.
+    # Labels that refute even the configured 0.95: exact hits only, misses still probed.
     for _ in range(60):
         feedback(cache, entry_id, 0.97, "wrong")
     refuted = engine.lookup(key, vector=at_similarity(v, 0.97))
     assert refuted.status == "miss" and refuted.threshold == adaptive.NO_SEMANTIC_HITS
     assert refuted.probe is not None
     assert engine.lookup(keys.text_key("t1", "ns", "How do I reset my password?")).status == "hit"
+
+
+def test_wrong_hit_rate_bound_learns_from_probes_of_every_miss(cache: LocalCache) -> None:
+    """The default bound (``should_miss``): every miss is a probe, a vetoed candidate's probe
+    carries similarity 0, and wrong labels anywhere below dilute the rate so the threshold can
+    go down to where the wrong ones above it are few enough."""
+    engine = cache.engine
+    cache.propose(engine.prepare_config({"threshold": 0.95, "adaptive_delta": 0.05}, "t1", "ns"))
+    v = unit_vector("stored")
+    entry_id = put(cache, "How do I enable 2FA?", v)
+    far = engine.lookup(keys.text_key("t1", "ns", "bake a cake"), vector=at_similarity(v, 0.4))
+    assert far.status == "miss" and far.probe is not None
+    assert far.probe.similarity == pytest.approx(0.4, abs=1e-4)
+    # Vetoed by a guard, above or below the threshold: the probe's similarity is 0.
+    for s in (0.97, 0.9):
+        twin = engine.lookup(
+            keys.text_key("t1", "ns", "How do I disable 2FA?"), vector=at_similarity(v, s)
+        )
+        assert twin.status == "miss" and twin.probe is not None
+        assert twin.probe.entry.id == entry_id and twin.probe.similarity == 0.0
+    key = keys.text_key("t1", "ns", "How can I turn on 2FA?")
+    query = at_similarity(v, 0.9)
+    assert engine.lookup(key, vector=query).status == "miss"
+    for i in range(60):  # wrong candidates far below, right ones from 0.9 up
+        feedback(cache, entry_id, 0.3 + 0.01 * i, "wrong")
+        feedback(cache, entry_id, 0.9 + 0.001 * i, "correct")
+    learned = engine.lookup(key, vector=query)
+    assert learned.status == "semantic_hit" and learned.threshold == pytest.approx(0.90)
+    # Wrong ones at 0.9 that are more than 5 % of all wrong ones: the threshold goes back up.
+    for _ in range(10):
+        feedback(cache, entry_id, 0.905, "wrong")
+    assert engine.lookup(key, vector=query).status == "miss"
 
 
 def test_feedback_learning_is_deterministic_and_survives_entry_deletion(tmp_path: Path) -> None:

@@ -64,16 +64,23 @@ def test_feedback_teaches_an_adaptive_namespace_its_threshold(node: Served) -> N
     first = lookup(node, "password reset", query)
     assert first["status"] == "MISS" and first["threshold"] == 0.97
     assert first["probe"] == {"id": entry["id"], "similarity": pytest.approx(0.93, abs=1e-4)}
-    for i in range(40):  # judged correct between 0.92 and 0.96
-        reply = node.call(
-            "POST",
-            "/v1/cache/feedback",
-            {"entry_id": entry["id"], "label": "correct", "similarity": 0.92 + 0.001 * i},
-        )
-        assert reply.status == 202
+    for i in range(40):  # judged correct between 0.92 and 0.96, wrong between 0.4 and 0.8
+        for label, similarity in (("correct", 0.92 + 0.001 * i), ("wrong", 0.4 + 0.01 * i)):
+            reply = node.call(
+                "POST",
+                "/v1/cache/feedback",
+                {"entry_id": entry["id"], "label": label, "similarity": similarity},
+            )
+            assert reply.status == 202
     learned = lookup(node, "password reset", query)
     assert learned["status"] == "SEMANTIC_HIT" and learned["threshold"] == pytest.approx(0.92)
     assert metric(node, "llmcache_estimated_precision", tenant="default", namespace="q") == 1.0
+    bad = node.call(
+        "PUT",
+        "/v1/tenants/default/settings",
+        {"namespace": "q", "values": {"adaptive_bound": "lookups"}},
+    )
+    assert bad.status == 400 and bad.error["field"] == "values.adaptive_bound"
 
 
 def test_a_verifier_setting_is_checked_and_applied_over_http(node: Served) -> None:
