@@ -489,8 +489,18 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
                     self.store = self._open_store()
                     self.fsm = StateMachine(self.store)
             log.info("installed snapshot at applied index %d", loaded.manifest.applied_index)
+            self._restart_election_timer()
         self._applied = self.store.applied_index()
         return loaded.raft_state
+
+    def _restart_election_timer(self) -> None:
+        """A full election timeout from now. An install runs on the tick thread for as long as
+        the store is big, while the deadline set by the leader's last chunk runs out; the next
+        tick checks the deadline before it reads the leader's queued heartbeats, so the node
+        would start an election (pysyncobj has no PreVote) and depose a healthy leader with its
+        higher term. A node that has just taken the leader's snapshot has heard from it."""
+        timeout = self._SyncObj__generateRaftTimeout()
+        self._SyncObj__raftElectionDeadline = time.monotonic() + timeout
 
     def _open_store(self) -> Store:
         # LMDB does not fsync per commit: _on_tick fsyncs once per tick for every entry applied

@@ -24,12 +24,14 @@ import lmdb
 import pytest
 
 from llmcache.cluster import commands as c
+from llmcache.cluster import snapshot
 from llmcache.cluster.fsm import StateMachine
 from llmcache.cluster.ipc import IpcProposer
-from llmcache.cluster.raft_core import RaftCipher, RaftCoreOptions
+from llmcache.cluster.raft_core import RaftCipher, RaftCore, RaftCoreOptions
 from llmcache.node.errors import RaftUnavailable
 from llmcache.node.proposer import NotLeader, RaftStatus
 from llmcache.node.store import Store
+from tests.test_snapshot import RAFT_STATE, filled_store
 
 PASSWORD_ENV = "LLMCACHE_TEST_RAFT_PASSWORD"
 DEADLINE_S = 40.0
@@ -365,6 +367,49 @@ def test_a_wiped_follower_catches_up_through_a_snapshot(
     assert applied > 60
     assert "installed snapshot at applied index" in follower.stderr()
     assert (follower.data / "raft" / "snapshot").exists()
+
+
+def test_a_node_that_installed_a_snapshot_waits_a_full_election_timeout(tmp_path: Path) -> None:
+    """In process, on pysyncobj's tick thread as in a transfer: the election deadline has run
+    out (its peers do not answer, so it never campaigns), a snapshot is installed, and the node
+    must give the leader that sent it a whole election timeout before campaigning (it used to
+    campaign on the next tick, deposing the leader once per catch-up of a large store)."""
+    source = filled_store(tmp_path / "src")
+    snap = tmp_path / "snap"
+    snapshot.save(snap, source, RAFT_STATE)
+    source.close()
+    port, *peers = free_ports(3)
+    options = RaftCoreOptions(
+        data_dir=tmp_path / "node",
+        socket_path=tmp_path / "raft.sock",
+        self_address=f"127.0.0.1:{port}",
+        peers=[f"127.0.0.1:{p}" for p in peers],
+        password="test-cluster-secret",
+        raft_min_timeout_s=0.4,  # pysyncobj's least: 3 heartbeat periods
+        raft_max_timeout_s=0.6,
+        durable=False,
+    )
+    core = RaftCore(options)
+    try:
+        time.sleep(0.8)
+        assert core._SyncObj__raftElectionDeadline < time.monotonic()
+        done: list[float] = []
+
+        def install() -> None:  # what pysyncobj does with the last chunk of a transfer
+            core._deserialize(str(snap))
+            done.append(core._SyncObj__raftElectionDeadline - time.monotonic())
+
+        core._on_tick_thread(install)
+        deadline = time.monotonic() + 10
+        while not done:
+            assert time.monotonic() < deadline, "the install did not run on the tick thread"
+            time.sleep(0.01)
+        assert core.store.applied_index() == 42
+        assert 0.35 < done[0] <= 0.6  # a full timeout (0.4-0.6 s) from the end of the install
+        assert core.status().role == "follower"
+    finally:
+        core.destroy()
+        core.store.close()
 
 
 def test_a_peer_with_another_password_is_kept_out(
