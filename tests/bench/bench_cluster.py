@@ -261,7 +261,7 @@ def catch_up(
     follower = next(n for n in cluster.nodes if n is not leader)
     cluster.crash(follower)
     shutil.rmtree(follower.data_dir)
-    seen = len(follower.log())
+    seen, seen_leader = len(follower.log()), len(leader.log())
     started = time.monotonic()
     with SteadyWriter(leader, writes_per_s) as writer:
         follower.start(wait=False)
@@ -284,6 +284,9 @@ def catch_up(
         p.stat().st_size for p in (leader.data_dir / "raft").rglob("*") if p.is_file()
     )
     installed = follower.log()[seen:].count("installed snapshot at applied index")
+    # A follower that campaigns during its catch-up deposes the leader (a higher term).
+    campaigns = follower.log()[seen:].count("-> candidate")
+    leader_stepped_down = leader.log()[seen_leader:].count("raft role leader ->")
     return {
         "entries": count_entries(leader),
         "ready_s": round(ready_s, 2),
@@ -291,6 +294,8 @@ def catch_up(
         "entries_per_s": round(count_entries(leader) / applied_s, 1),
         "by_snapshot": installed > 0,
         "snapshots_installed": installed,
+        "follower_campaigns": campaigns,
+        "leader_stepped_down": leader_stepped_down,
         "writes_during": writer.acked,
         "writes_for_s": round(writes_s, 1),
         "ready_while_writing": writes_per_s > 0 and ready_s <= writes_s + 1,
