@@ -119,6 +119,12 @@ ESTIMATED_PRECISION = Gauge(
     ["tenant", "namespace"],
     multiprocess_mode="mostrecent",
 )
+JUDGE = Counter(
+    "llmcache_judge_total",
+    "Lookups labelled by a namespace's judge model, by verdict (correct, wrong; unclear: the "
+    "judge answered neither yes nor no; failed: an upstream or feedback error).",
+    ["tenant", "verdict"],
+)
 PROBES = Counter(
     "llmcache_probes_total",
     "Misses of adaptive namespaces flagged as probes to label (adaptive exploration).",

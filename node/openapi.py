@@ -332,6 +332,8 @@ SCHEMAS: dict[str, Schema] = {
                     "guards": nullable({"type": "string"}),
                     "adaptive_delta": nullable({"type": "number", "minimum": 0, "maximum": 0.5}),
                     "adaptive_bound": nullable({"type": "string", "enum": list(adaptive.BOUNDS)}),
+                    "judge_model": nullable({"type": "string", "maxLength": 200}),
+                    "judge_rate": nullable({"type": "number", "minimum": 0, "maximum": 1}),
                     "rerank": nullable({"type": "boolean"}),
                     "rerank_threshold": nullable({"type": "number", "minimum": 0, "maximum": 1}),
                     "verifier": nullable({"type": "string"}),

@@ -58,6 +58,13 @@ class Settings:
     """0: the fixed ``threshold``. Above 0: the threshold is learned from feedback so that the
     wrong hits stay under this bound (``node/adaptive.py``); ``threshold`` applies until enough
     labels back a lower or higher one."""
+    judge_model: str = ""
+    """A model of the upstream that labels a sample of this namespace's semantic hits and probes
+    for its adaptive threshold (proxy requests of adaptive namespaces; ``node/judge.py``);
+    empty: no judge."""
+    judge_rate: float = 0.05
+    """Share of semantic hits, and the same share of probes, the judge labels. A judged hit
+    costs one more upstream call (the fresh answer) plus the judge's."""
     adaptive_bound: str = "should_miss"
     """What ``adaptive_delta`` bounds: ``should_miss``, the share of lookups whose best candidate
     is wrong that are served it (the wrong-hit rate); ``hits``, the share of hits that are
@@ -115,6 +122,9 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     _check_range(out, "context_window", 0, limits.MAX_MESSAGES)
     _check_range(out, "top_k", 1, limits.MAX_TOP_K)
     _check_range(out, "adaptive_delta", 0.0, 0.5)
+    _check_range(out, "judge_rate", 0.0, 1.0)
+    if len(out.get("judge_model") or "") > 200:
+        raise InvalidRequest("judge_model is at most 200 characters", field="judge_model")
     _check_range(out, "rerank_threshold", 0.0, 1.0)
     if out.get("verifier"):
         try:

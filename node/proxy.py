@@ -44,6 +44,12 @@ timeout (``upstream_timeout_s``) bounds connecting and each wait for data, so a 
 keeps flowing is never cut. Connection failures answer 502, timeouts 504, with OpenAI's error
 shape; upstream error statuses are relayed as they are.
 
+Judge: in namespaces with adaptive thresholds and a ``judge_model``, a share ``judge_rate`` of
+semantic hits and of probes (misses with a candidate) is labelled in the background by that
+model of the same upstream (``node/judge.py``); a judged hit's request goes upstream once more
+for the fresh answer to compare. The verdict is proposed as feedback; failures are counted
+(``llmcache_judge_total{verdict="failed"}``) and never reach the caller.
+
 Embeddings are exact-only: a kv entry under ``embeddings:<sha256 of the canonical body without
 "user">``, kept until invalidated (unless ``X-LLMCache-TTL`` says otherwise).
 
@@ -59,6 +65,7 @@ import functools
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -69,7 +76,7 @@ import lmdb
 from aiohttp import web
 
 from llmcache.cluster.commands import Command
-from llmcache.node import metrics, policy
+from llmcache.node import judge, metrics, policy
 from llmcache.node.auth import ROLES, TOKEN_PREFIX
 from llmcache.node.engine import Hit, check_tags
 from llmcache.node.errors import CacheError, InvalidRequest, NotFound
@@ -220,9 +227,15 @@ class _Call:
     def stream(self) -> bool:
         return self.body.get("stream") is True
 
-    @functools.cached_property
+    @property
     def upstream(self) -> tuple[str, dict[str, str]]:
         """The upstream URL of this call and the headers to send it (module docstring)."""
+        base, headers = self.upstream_base
+        return f"{base}/{self.endpoint}", headers
+
+    @functools.cached_property
+    def upstream_base(self) -> tuple[str, dict[str, str]]:
+        """The upstream base URL of this tenant (no trailing slash) and the headers to send."""
         settings = self.services.settings
         base = settings.upstream_base_url
         store = self.services.engine.store
@@ -239,7 +252,7 @@ class _Call:
             headers.pop("Authorization", None)
             if settings.upstream_api_key:
                 headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
-        return f"{base.rstrip('/')}/{self.endpoint}", headers
+        return base.rstrip("/"), headers
 
 
 @dataclass(frozen=True)
@@ -247,7 +260,8 @@ class _Route:
     """What differs between the endpoints: the key, the lookup, the answer check, the store."""
 
     key: Callable[[_Call, policy.Settings], Any]
-    find: Callable[[_Call, Any], Hit | None]
+    find: Callable[[_Call, Any], tuple[Hit | None, Hit | None]]
+    """(the hit, or None; the probe of a miss to label, or None: ``LookupResult.probe``)"""
     answer: Callable[[_Call, bytes], tuple[bytes, dict[str, int]] | None]
     """The bytes to store and the usage, or ``None`` when the answer must not be cached."""
     prepare: Callable[[_Call, Any, bytes, dict[str, int]], Command]
@@ -280,11 +294,11 @@ async def _handle(request: web.Request, endpoint: str, route: _Route) -> web.Str
         key = route.key(call, settings)
     except CacheError as exc:
         return await _pass(call, "BYPASS", {"X-LLMCache-Reason": exc.code})
-    hit = None
+    hit = probe = None
     if not call.controls.no_cache:
         started = time.monotonic()
         try:
-            hit = await _run(route.find, call, key)
+            hit, probe = await _run(route.find, call, key)
         except Exception as exc:
             return await _degrade(call, exc)
         metrics.STAGE_SECONDS.labels("total").observe(time.monotonic() - started)
@@ -292,10 +306,15 @@ async def _handle(request: web.Request, endpoint: str, route: _Route) -> web.Str
     max_age = call.controls.max_age_s
     if hit is not None and max_age is not None and now - hit.entry.created_at_ms >= max_age * 1000:
         hit = None
+    judged = hit or probe
+    if not (judged and judged.kind == "semantic" and _judge_sampled(settings)):
+        judged = None
     if hit is None:
         metrics.LOOKUPS.labels(call.tenant, "none", "miss").inc()
-        return await _miss(call, route, key)
+        return await _miss(call, route, key, (settings.judge_model, judged))
     _count_hit(call, hit)
+    if judged is not None:
+        _judge_later(call, settings.judge_model, key, judged, None)
     headers = {
         "X-LLMCache-Status": HIT_STATUS[hit.kind],
         "X-LLMCache-Similarity": f"{hit.similarity:.4f}",
@@ -344,7 +363,10 @@ async def _pass(call: _Call, status: str, headers: dict[str, str]) -> web.Stream
     return response
 
 
-async def _miss(call: _Call, route: _Route, key: Any) -> web.StreamResponse:
+async def _miss(
+    call: _Call, route: _Route, key: Any, judging: tuple[str, Hit | None]
+) -> web.StreamResponse:
+    """``judging``: the namespace's judge model and the probe it is to label, if sampled."""
     url, upstream_headers = call.upstream
     credentials = hashlib.sha256(upstream_headers.get("Authorization", "").encode()).digest()
     leader: list[web.StreamResponse] = []
@@ -359,6 +381,9 @@ async def _miss(call: _Call, route: _Route, key: Any) -> web.StreamResponse:
             answer = route.answer(call, body)
         if answer is not None:
             _store_later(call, functools.partial(route.prepare, call, key, *answer))
+        model, probe = judging
+        if probe is not None and exchange.status == 200 and body:
+            _judge_later(call, model, key, probe, (body, exchange.content_type))
         return exchange
 
     exact = key.exact_key if isinstance(key, CacheKey) else key
@@ -389,6 +414,74 @@ def _store_later(call: _Call, prepare: Callable[[], Command]) -> None:
     task = asyncio.get_running_loop().create_task(store())
     call.state.stores.add(task)
     task.add_done_callback(call.state.stores.discard)
+
+
+def _judge_sampled(settings: policy.Settings) -> bool:
+    """Whether the judge labels this lookup: adaptive namespaces with a judge, at its rate."""
+    return bool(
+        settings.adaptive_delta > 0
+        and settings.judge_model
+        and random.random() < settings.judge_rate
+    )
+
+
+def _judge_later(
+    call: _Call, model: str, key: CacheKey, candidate: Hit, fresh: tuple[bytes, str] | None
+) -> None:
+    """In the background: get a fresh answer unless ``fresh`` has it (a semantic hit's request
+    goes upstream once more, not streamed), ask ``model`` whether ``candidate``'s answer would
+    do, and send its verdict as feedback at the candidate's similarity (``node/judge.py``)."""
+
+    async def run() -> None:
+        verdict = "failed"
+        try:
+            answer = fresh or await _fresh_answer(call)
+            if answer is None:
+                return
+            body = judge.request_body(
+                model,
+                key.text,
+                candidate.entry.text,
+                judge.answer_text(candidate.entry.response, candidate.entry.content_type),
+                judge.answer_text(*answer),
+            )
+            base, headers = call.upstream_base
+            async with call.state.session.post(
+                f"{base}/chat/completions", json=body, headers=headers
+            ) as up:
+                raw = await up.read() if up.status == 200 else b""
+            label = judge.verdict(raw) if raw else None
+            verdict = "unclear" if raw and label is None else verdict
+            if label is not None:
+                command = await _run(
+                    call.services.engine.prepare_feedback,
+                    call.tenant,
+                    candidate.entry.id,
+                    label,
+                    similarity=candidate.similarity,
+                    query=key.text,
+                )
+                await call.services.proposer.propose(command, wait="committed")
+                verdict = label
+        except Exception as exc:
+            log.warning("proxy: the judge of tenant %s failed: %r", call.tenant, exc)
+        finally:
+            metrics.JUDGE.labels(call.tenant, verdict).inc()
+
+    task = asyncio.get_running_loop().create_task(run())
+    call.state.stores.add(task)
+    task.add_done_callback(call.state.stores.discard)
+
+
+async def _fresh_answer(call: _Call) -> tuple[bytes, str] | None:
+    """The upstream's answer to the caller's request, not streamed; None if it failed."""
+    url, headers = call.upstream
+    request = {k: v for k, v in call.body.items() if k not in ("stream", "stream_options")}
+    async with call.state.session.post(url, json=request, headers=headers) as up:
+        metrics.UPSTREAM_CALLS.labels(call.endpoint, f"{up.status // 100}xx").inc()
+        if up.status != 200:
+            return None
+        return await up.read(), up.headers.get("Content-Type", JSON)
 
 
 async def _forward(
@@ -551,9 +644,9 @@ def _generation_key(call: _Call, settings: policy.Settings) -> CacheKey:
     return chat_key(call.tenant, ns, call.body, window=settings.context_window)
 
 
-def _generation_find(call: _Call, key: CacheKey) -> Hit | None:
+def _generation_find(call: _Call, key: CacheKey) -> tuple[Hit | None, Hit | None]:
     result = call.services.engine.lookup(key, threshold=call.controls.threshold)
-    return result.hit
+    return result.hit, result.probe
 
 
 def _generation_prepare(
@@ -577,12 +670,12 @@ def _embeddings_key(call: _Call, settings: policy.Settings) -> str:
     return "embeddings:" + hashlib.sha256(canonical_json(request).encode()).hexdigest()
 
 
-def _embeddings_find(call: _Call, key: str) -> Hit | None:
+def _embeddings_find(call: _Call, key: str) -> tuple[Hit | None, Hit | None]:
     try:
         entry = call.services.engine.get_kv(call.tenant, call.controls.namespace, key)
     except NotFound:
-        return None
-    return Hit(entry, 1.0, "exact")
+        return None, None
+    return Hit(entry, 1.0, "exact"), None
 
 
 def _embeddings_answer(call: _Call, raw: bytes) -> tuple[bytes, dict[str, int]] | None:

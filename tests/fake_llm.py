@@ -5,8 +5,9 @@ with ``stream: true``, in OpenAI's exact shapes, usage included; a usage chunk w
 ``stream_options.include_usage``). Answers are deterministic: :meth:`FakeLLM.answer_for`.
 FakeUpstream's knobs (``fail_next``, ``delay_next``, ``api_key``) and records (``calls``,
 ``requests``) apply to these endpoints too; this class adds :meth:`FakeLLM.cut_next` (close the
-connection in the middle of a stream, before ``[DONE]``) and :meth:`FakeLLM.hold` /
-:meth:`FakeLLM.release` (keep answers waiting until the test says so).
+connection in the middle of a stream, before ``[DONE]``), :meth:`FakeLLM.hold` /
+:meth:`FakeLLM.release` (keep answers waiting until the test says so) and
+:meth:`FakeLLM.judge_says` (what model :data:`JUDGE_MODEL` answers: a judge's verdict).
 
     with FakeLLM(api_key="sk-test") as llm:
         openai.OpenAI(base_url=llm.base_url, api_key="sk-test").chat.completions.create(...)
@@ -27,6 +28,8 @@ from tests.fake_upstream import FakeUpstream, _error
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+JUDGE_MODEL = "fake-judge"
+"""Requests for this model get :meth:`FakeLLM.judge_says`'s text as the answer."""
 HOLD_LIMIT_S = 60.0
 """A held answer is released after this long even if the test forgets to (bounded waits)."""
 
@@ -39,6 +42,7 @@ class FakeLLM(FakeUpstream):
         self._cuts: list[int] = []  # chunks to send before cutting, for the next streams
         self._gate = threading.Event()
         self._gate.set()
+        self._verdict = "yes"
 
     def __enter__(self) -> FakeLLM:
         self.start()
@@ -50,6 +54,11 @@ class FakeLLM(FakeUpstream):
         """The next ``n`` streamed answers close the connection after ``after_chunks`` chunks."""
         with self._lock:
             self._cuts.extend([after_chunks] * n)
+
+    def judge_says(self, verdict: str) -> None:
+        """What requests for :data:`JUDGE_MODEL` get as the answer from now on."""
+        with self._lock:
+            self._verdict = verdict
 
     def hold(self) -> None:
         """Generation requests wait (after being counted) until :meth:`release`."""
@@ -91,7 +100,8 @@ class FakeLLM(FakeUpstream):
             prompt = str(messages[-1].get("content", ""))
         else:
             prompt = str(body.get("prompt", ""))
-        text = self.answer_for(prompt)
+        with self._lock:
+            text = self._verdict if body.get("model") == JUDGE_MODEL else self.answer_for(prompt)
         usage = {
             "prompt_tokens": len(prompt.split()) + 3,
             "completion_tokens": len(text.split()),

@@ -34,7 +34,7 @@ from llmcache.node.local import LocalCache
 from llmcache.node.proposer import LocalProposer
 from llmcache.node.services import PriceEntry, ServerSettings, Services
 from llmcache.node.singleflight import SingleFlight
-from tests.fake_llm import CHAT, FakeLLM
+from tests.fake_llm import CHAT, JUDGE_MODEL, FakeLLM
 
 KEY = "sk-upstream-key"
 MODEL = "gpt-test"
@@ -212,6 +212,99 @@ def test_paraphrase_is_a_semantic_hit(server: Server, llm: FakeLLM) -> None:
     fresh = server.client("semantic", **{"Cache-Control": "max-age=0"})
     assert status(ask(fresh, "How do I reset my password?")) == "MISS"
     assert llm.call_count(CHAT) == calls + 2
+
+
+def judge_requests(llm: FakeLLM) -> list[str]:
+    """The user prompts of the judge calls the fake LLM received, in order."""
+    with llm._lock:
+        bodies = [b for p, b, _ in llm.requests if p == CHAT and b.get("model") == JUDGE_MODEL]
+    return [str(b["messages"][-1]["content"]) for b in bodies]
+
+
+def test_a_judge_labels_probes_and_hits_of_an_adaptive_namespace(
+    server: Server, llm: FakeLLM, local: LocalCache
+) -> None:
+    """judge_rate 1: every probe and every semantic hit is judged, in the background, and the
+    verdict arrives as replicated feedback at the candidate's similarity."""
+    engine = local.engine
+    settings = {
+        "threshold": 0.99,
+        "adaptive_delta": 0.1,
+        "judge_model": JUDGE_MODEL,
+        "judge_rate": 1.0,
+    }
+    local.propose(engine.prepare_config(settings, "default", "judged"))
+    client = server.client("judged")
+    ask(client, "How do I reset my password?", stream=True)  # stored as server-sent events
+    server.flush()
+    assert judge_requests(llm) == [] and engine.labels("default", "judged").total == 0
+    before = metric("llmcache_judge_total", tenant="default", verdict="correct")
+    # A paraphrase below 0.99: a miss with a probe; the judge compares the two answers.
+    llm.judge_says("Yes.")
+    assert status(ask(client, "how can i reset my password", stream=True)) == "MISS"
+    server.flush()
+    prompts = judge_requests(llm)
+    assert len(prompts) == 1
+    for text in (
+        "how can i reset my password",
+        "How do I reset my password?",
+        FakeLLM.answer_for("How do I reset my password?"),
+        FakeLLM.answer_for("how can i reset my password"),  # the fresh, streamed answer
+    ):
+        assert text in prompts[0]
+    labels = engine.labels("default", "judged")
+    assert labels.total == 1 and sum(labels.correct) == 1
+    assert 0.85 <= labels.correct.index(1) / 100 < 0.99  # at the probe's similarity
+    assert metric("llmcache_judge_total", tenant="default", verdict="correct") == before + 1
+    # A semantic hit (a lower threshold): served from the cache at once, then the request goes
+    # upstream once more for a fresh answer, and the judge says no.
+    local.propose(engine.prepare_config({"threshold": 0.8}, "default", "judged"))
+    llm.judge_says("no")
+    calls = llm.call_count(CHAT)
+    hit = ask(client, "what are the steps to reset my password", stream=True)
+    assert status(hit) == "SEMANTIC_HIT"
+    server.flush()
+    assert llm.call_count(CHAT) == calls + 2  # the fresh answer and the judge
+    labels = engine.labels("default", "judged")
+    assert labels.total == 2 and sum(labels.wrong) == 1
+    similarity = float(hit.headers["X-LLMCache-Similarity"])
+    assert labels.wrong[int(similarity * 100)] == 1
+    # A verdict that is neither yes nor no labels nothing.
+    unclear = metric("llmcache_judge_total", tenant="default", verdict="unclear")
+    llm.judge_says("maybe")
+    assert status(ask(client, "reset password how", stream=True)) in ("SEMANTIC_HIT", "MISS")
+    server.flush()
+    assert engine.labels("default", "judged").total == 2
+    assert metric("llmcache_judge_total", tenant="default", verdict="unclear") == unclear + 1
+    llm.judge_says("yes")
+
+
+def test_no_judge_without_adaptive_thresholds_or_at_rate_zero(
+    server: Server, llm: FakeLLM, local: LocalCache
+) -> None:
+    engine = local.engine
+    for namespace, values in (
+        ("judge-off", {"threshold": 0.8, "judge_model": JUDGE_MODEL, "judge_rate": 1.0}),
+        (
+            "judge-zero",
+            {
+                "threshold": 0.8,
+                "adaptive_delta": 0.1,
+                "judge_model": JUDGE_MODEL,
+                "judge_rate": 0.0,
+            },
+        ),
+    ):
+        local.propose(engine.prepare_config(values, "default", namespace))
+        client = server.client(namespace)
+        ask(client, "How do I bake bread?")
+        server.flush()
+        assert status(ask(client, "how can i bake bread")) == "SEMANTIC_HIT"
+        server.flush()
+        assert engine.labels("default", namespace).total == 0
+    assert all("bake bread" not in p for p in judge_requests(llm))
+    with pytest.raises(Exception, match="judge_rate"):
+        engine.prepare_config({"judge_rate": 1.5}, "default", "judged")
 
 
 def test_streamed_miss_then_streamed_hit_replays_the_chunks(server: Server, llm: FakeLLM) -> None:
