@@ -114,7 +114,7 @@ class Exchange:
 class _State:
     session: aiohttp.ClientSession
     flights: SingleFlight[tuple[object, ...], Exchange]
-    stores: set[asyncio.Task[None]]
+    stores: set[asyncio.Task[None]]  # background stores and judge calls, awaited at shutdown
 
 
 STATE = web.AppKey("llmcache.proxy", _State)
@@ -145,7 +145,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def flush(app: web.Application) -> None:
-    """Wait until every background store started so far has finished (shutdown, tests)."""
+    """Wait until every background task (stores, judge calls) started so far has finished
+    (shutdown, tests)."""
     await asyncio.gather(*list(app[STATE].stores), return_exceptions=True)
 
 
