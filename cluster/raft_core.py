@@ -657,7 +657,6 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
             self._on_tick_thread(functools.partial(self.transferLeadership, to, future.callback))
             try:
                 await future.result(max(0.1, deadline - loop.time()), "leadership transfer")
-                break
             except RequestDenied:
                 # pysyncobj denies a target whose log is not fully matched yet, which under
                 # writes is a matter of a heartbeat or two; anything else (not a member, no
@@ -665,11 +664,22 @@ class RaftCore(SyncObj):  # type: ignore[misc]  # pysyncobj is untyped
                 if loop.time() + TRANSFER_RETRY_S >= deadline or not self._isLeader():
                     raise
                 await asyncio.sleep(TRANSFER_RETRY_S)
-        while self._isLeader() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self._isLeader():
-            raise UnknownOutcome("leadership transfer sent but this node still leads")
-        return self.leader_address()
+                continue
+            # The target campaigns at once, but loses if writes reached the others and not it
+            # in the meantime (they refuse a shorter log), and this node may win the election
+            # that follows: wait for another leader, else ask again while the deadline allows.
+            retry_at = min(deadline, loop.time() + self.options.raft_max_timeout_s)
+            while loop.time() < deadline:
+                leader = self.leader_address()
+                if leader is not None and leader != self.self_id:
+                    return leader
+                if self._isLeader() and loop.time() >= retry_at:
+                    break  # still, or again, the leader: ask again
+                await asyncio.sleep(0.05)
+            else:
+                if self._isLeader():
+                    raise UnknownOutcome("leadership transfer sent but this node still leads")
+                return self.leader_address()
 
     async def add_node(self, addr: str, timeout: float = 30.0) -> None:
         """Add one node to the group (committed when this returns)."""
