@@ -121,8 +121,8 @@ class Engine:
         # (tenant, namespace) -> (config_index, settings): settings change only through
         # TenantUpsert/TenantDelete/ConfigSet, which move the store's config_index.
         self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
-        # (tenant, namespace, δ, configured threshold) -> (histogram bytes, threshold, precision):
-        # the learned threshold is recomputed only when the replicated histogram changed.
+        # (tenant, namespace, δ, bound, configured threshold) -> (histogram bytes, threshold,
+        # precision): the learned threshold is recomputed only when the histogram changed.
         self._learned: dict[
             tuple[str, str, float, str, float], tuple[bytes, float, float | None]
         ] = {}
