@@ -93,6 +93,8 @@ SSE = "text/event-stream"
 JSON = "application/json"
 FORWARDED = ("Authorization", "OpenAI-Organization", "OpenAI-Project")
 HIT_STATUS = {"exact": "HIT", "semantic": "SEMANTIC_HIT"}
+FLUSH_HANDLERS_S = 60.0
+"""How long :func:`flush` waits for requests still being handled (a stream may take long)."""
 SHARE_LIMIT = 64 << 20
 """Bytes of a miss's answer kept for single-flight followers (stored only up to
 ``limits.MAX_RESPONSE_BYTES``); a larger answer reaches its followers as a 502."""
@@ -115,6 +117,7 @@ class _State:
     session: aiohttp.ClientSession
     flights: SingleFlight[tuple[object, ...], Exchange]
     stores: set[asyncio.Task[None]]  # background stores and judge calls, awaited at shutdown
+    handling: int = 0  # requests whose handler has not returned (it may still start a task)
 
 
 STATE = web.AppKey("llmcache.proxy", _State)
@@ -145,9 +148,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def flush(app: web.Application) -> None:
-    """Wait until every background task (stores, judge calls) started so far has finished
-    (shutdown, tests)."""
-    await asyncio.gather(*list(app[STATE].stores), return_exceptions=True)
+    """Wait until the requests being handled have returned and every background task (stores,
+    judge calls) they started has finished (shutdown, tests). A caller holds its whole answer
+    a moment before its handler starts the tasks that follow it, hence the first wait."""
+    state = app[STATE]
+    deadline = time.monotonic() + FLUSH_HANDLERS_S
+    while state.handling or state.stores:
+        while state.handling and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*list(state.stores), return_exceptions=True)
+        if time.monotonic() >= deadline:
+            return
 
 
 @dataclass(frozen=True)
@@ -269,6 +280,15 @@ class _Route:
 
 
 async def _handle(request: web.Request, endpoint: str, route: _Route) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.handling += 1
+    try:
+        return await _handle_call(request, endpoint, route)
+    finally:
+        state.handling -= 1
+
+
+async def _handle_call(request: web.Request, endpoint: str, route: _Route) -> web.StreamResponse:
     raw = await request.read()
     body = json.loads(raw)
     if not isinstance(body, dict):
