@@ -251,6 +251,13 @@ def _latency(
     help="What δ bounds: the wrong-hit rate of lookups that should miss, or the wrong share "
     "of hits (setting adaptive_bound).",
 )
+@click.option(
+    "--adaptive-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the adaptive stream's random order of the pairs.",
+)
 def eval_command(
     data: Path,
     guard_names: str,
@@ -268,6 +275,7 @@ def eval_command(
     latency: int,
     adaptive_start: float,
     adaptive_bound: str,
+    adaptive_seed: int,
 ) -> None:
     """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
     precision, recall, F1, hit rate and wrong-hit rate per threshold, with and without guards."""
@@ -334,7 +342,7 @@ def eval_command(
             labels,
             guarded,
             guard_names,
-            (adaptive_delta, adaptive_bound, adaptive_start),
+            (adaptive_delta, adaptive_bound, adaptive_start, adaptive_seed),
             say,
         )
     if plot is not None:
@@ -411,11 +419,12 @@ def _adaptive(
     labels: q.Bools,
     guarded: q.Floats,
     guard_names: str,
-    adaptive: tuple[float, str, float],
+    adaptive: tuple[float, str, float, int],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """``adaptive`` is (δ, what it bounds, the configured threshold it starts from)."""
-    delta, bound, start = adaptive
+    """``adaptive`` is (δ, what it bounds, the configured threshold it starts from, the seed of
+    the stream's order)."""
+    delta, bound, start, seed = adaptive
     run = q.adaptive_stream(
         pairs,
         vecs,
@@ -424,10 +433,11 @@ def _adaptive(
         start_threshold=start,
         guards=guard_names,
         bound=bound,
+        seed=seed,
     )
     lookups2, hits2, wrong2 = run.second_half
     out: dict[str, Any] = asdict(run)
-    out["delta"], out["bound"] = delta, bound
+    out["delta"], out["bound"], out["seed"] = delta, bound, seed
     out["precision"] = run.precision
     out["wrong_hit_rate"] = run.wrong_hits / max(1, int((~labels).sum()))
     out["wrong_hits_per_lookup"] = run.wrong_hits / run.lookups

@@ -122,3 +122,12 @@ def test_eval_streams_pairs_through_an_adaptive_namespace(data: Path, tmp_path: 
     assert 0 <= run_["wrong_hits"] <= run_["hits"] <= len(PAIRS)
     # Twelve labels are too few to learn anything: the configured 0.95 still holds.
     assert run_["final_threshold"] == 0.95
+    assert (run_["bound"], run_["seed"]) == ("should_miss", 0)
+    # Every pair is looked up once whatever the order; the stricter bound is accepted too.
+    code, out, err = run(
+        "eval", "--data", str(data), "--json", "--adaptive-delta", "0.3",
+        "--adaptive-bound", "hits", "--adaptive-seed", "7",
+    )  # fmt: skip
+    assert code == 0, err
+    other = json.loads(out)["adaptive"]
+    assert (other["bound"], other["seed"], other["lookups"]) == ("hits", 7, len(PAIRS))
