@@ -81,6 +81,11 @@ class LookupResult:
     candidates: tuple[Candidate, ...]
     threshold: float
     index: int | None
+    probe: Candidate | None = None
+    """Adaptive namespaces, on a miss: the candidate to label (compare the fresh answer with
+    its entry's) and the similarity to send with the label to :meth:`feedback`."""
+    feedback_similarity: float | None = None
+    """On a hit: the similarity to send with feedback on it."""
 
     @property
     def hit(self) -> bool:
@@ -110,6 +115,10 @@ class LookupResult:
             ),
             threshold=float(body.get("threshold", 0.0)),
             index=int(raw_index) if raw_index else None,
+            probe=Candidate(int(p["id"]), float(p["similarity"]))
+            if (p := body.get("probe"))
+            else None,
+            feedback_similarity=body.get("feedback_similarity"),
         )
 
 

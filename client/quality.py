@@ -476,6 +476,7 @@ def adaptive_stream(
     guards: str,
     bound: str = "should_miss",
     seed: int = 0,
+    verifier: str = "",
 ) -> AdaptiveRun:
     """Replay ``pairs`` in a seeded random order as a live stream through one adaptive
     namespace: each lookup is decided with the threshold learned so far; every hit and every
@@ -488,6 +489,7 @@ def adaptive_stream(
             "adaptive_delta": delta,
             "adaptive_bound": bound,
             "threshold": start_threshold,
+            "verifier": verifier,
         }
         cache = _open_cache(tmp, embedder, settings)
         try:
@@ -511,17 +513,78 @@ def adaptive_stream(
                 if judged is not None and judged.entry.id == ids[int(i)]:
                     label = "correct" if p.label else "wrong"
                     command = engine.prepare_feedback(
-                        TENANT, judged.entry.id, label, similarity=judged.similarity
+                        TENANT, judged.entry.id, label, similarity=judged.label_at
                     )
                     cache.propose(command)
                     labelled += 1
             ns = pairs[0].namespace
-            final = engine.threshold(TENANT, ns, engine.settings(TENANT, ns))
+            now = engine.settings(TENANT, ns)
+            final = (
+                engine.learned(TENANT, ns, now, learned.parse(verifier).cut)
+                if verifier
+                else engine.threshold(TENANT, ns, now)
+            )
             return AdaptiveRun(
                 len(pairs), hits, wrong, probes, labelled, final, (half[0], half[1], half[2])
             )
         finally:
             cache.close(checkpoint=False)
+
+
+def adaptive_stream_verified(
+    pairs: list[Pair],
+    vectors: dict[str, np.ndarray],
+    embedder: Embedder,
+    rows: learned.Matrix,
+    eligible: Bools,
+    folds: npt.NDArray[np.int64],
+    *,
+    delta: float,
+    gate: float,
+    guards: str,
+    bound: str = "should_miss",
+    seed: int = 0,
+) -> tuple[AdaptiveRun, list[float]]:
+    """:func:`adaptive_stream` of each fold through a namespace whose verifier was trained on
+    the other folds' eligible pairs (as ``tune --train-verifier`` would, on earlier labels):
+    the namespace learns the verifier's probability cut, from the verifier's own 0.5, behind
+    the threshold ``gate``. Returns the runs added up, and each fold's final cut."""
+    names = feature_names(False)
+    x = learned.matrix(rows, names)
+    labels = np.array([p.label for p in pairs], bool)
+    runs: list[AdaptiveRun] = []
+    for fold in range(int(folds.max()) + 1):
+        train = (folds != fold) & eligible
+        model = learned.fit(x[train], labels[train], names)
+        check = learned.Verifier(model.weights, model.bias, 0.5)
+        part = [pairs[i] for i in np.flatnonzero(folds == fold)]
+        runs.append(
+            adaptive_stream(
+                part,
+                vectors,
+                embedder,
+                delta=delta,
+                start_threshold=gate,
+                guards=guards,
+                bound=bound,
+                seed=seed,
+                verifier=check.dumps(),
+            )
+        )
+    total = AdaptiveRun(
+        sum(r.lookups for r in runs),
+        sum(r.hits for r in runs),
+        sum(r.wrong_hits for r in runs),
+        sum(r.probes for r in runs),
+        sum(r.labels for r in runs),
+        float(np.mean([r.final_threshold for r in runs])),
+        (
+            sum(r.second_half[0] for r in runs),
+            sum(r.second_half[1] for r in runs),
+            sum(r.second_half[2] for r in runs),
+        ),
+    )
+    return total, [r.final_threshold for r in runs]
 
 
 # -- latency of a lookup ----------------------------------------------------------------------

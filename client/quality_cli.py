@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,12 @@ def _latency(
     "of hits (setting adaptive_bound).",
 )
 @click.option(
+    "--adaptive-verifier",
+    is_flag=True,
+    help="Stream each of --folds folds through an adaptive namespace with a verifier trained on "
+    "the other folds: it learns the verifier's probability cut behind the --gate threshold.",
+)
+@click.option(
     "--adaptive-seed",
     type=int,
     default=0,
@@ -275,6 +281,7 @@ def eval_command(
     latency: int,
     adaptive_start: float,
     adaptive_bound: str,
+    adaptive_verifier: bool,
     adaptive_seed: int,
 ) -> None:
     """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
@@ -335,15 +342,15 @@ def eval_command(
     for name, at in result["at_recall"].items():
         say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))
     if adaptive_delta is not None:
+        plan = AdaptivePlan(
+            adaptive_delta,
+            adaptive_bound,
+            gate if adaptive_verifier else adaptive_start,
+            adaptive_seed,
+            folds if adaptive_verifier else 0,
+        )
         result["adaptive"] = _adaptive(
-            pairs,
-            vecs,
-            embedder,
-            labels,
-            guarded,
-            guard_names,
-            (adaptive_delta, adaptive_bound, adaptive_start, adaptive_seed),
-            say,
+            pairs, vecs, embedder, labels, run.scores, guarded, guard_names, plan, say
         )
     if plot is not None:
         curves = {}
@@ -412,32 +419,63 @@ def _second_stage(
     return out
 
 
+@dataclass(frozen=True)
+class AdaptivePlan:
+    """An adaptive stream of ``eval``: δ, what it bounds, the configured threshold it starts
+    from (the gate with a verifier), the seed of the order, and with ``verifier_folds`` > 0 a
+    verifier per fold (``quality.adaptive_stream_verified``)."""
+
+    delta: float
+    bound: str
+    start: float
+    seed: int
+    verifier_folds: int = 0
+
+
 def _adaptive(
     pairs: list[q.Pair],
     vecs: dict[str, np.ndarray],
     embedder: Embedder,
     labels: q.Bools,
+    scores: q.Floats,
     guarded: q.Floats,
     guard_names: str,
-    adaptive: tuple[float, str, float, int],
+    plan: AdaptivePlan,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """``adaptive`` is (δ, what it bounds, the configured threshold it starts from, the seed of
-    the stream's order)."""
-    delta, bound, start, seed = adaptive
-    run = q.adaptive_stream(
-        pairs,
-        vecs,
-        embedder,
-        delta=delta,
-        start_threshold=start,
-        guards=guard_names,
-        bound=bound,
-        seed=seed,
-    )
+    delta, bound, start, seed = plan.delta, plan.bound, plan.start, plan.seed
+    cuts: list[float] = []
+    if plan.verifier_folds:
+        eligible = guarded >= start  # past the guards and the gate, as the engine decides
+        run, cuts = q.adaptive_stream_verified(
+            pairs,
+            vecs,
+            embedder,
+            q.feature_rows(pairs, scores, None),
+            eligible,
+            q.folds_of(pairs, plan.verifier_folds),
+            delta=delta,
+            gate=start,
+            guards=guard_names,
+            bound=bound,
+            seed=seed,
+        )
+    else:
+        run = q.adaptive_stream(
+            pairs,
+            vecs,
+            embedder,
+            delta=delta,
+            start_threshold=start,
+            guards=guard_names,
+            bound=bound,
+            seed=seed,
+        )
     lookups2, hits2, wrong2 = run.second_half
     out: dict[str, Any] = asdict(run)
     out["delta"], out["bound"], out["seed"] = delta, bound, seed
+    if cuts:
+        out["verifier_folds"], out["final_cuts"] = plan.verifier_folds, cuts
     out["precision"] = run.precision
     out["wrong_hit_rate"] = run.wrong_hits / max(1, int((~labels).sum()))
     out["wrong_hits_per_lookup"] = run.wrong_hits / run.lookups
@@ -462,7 +500,11 @@ def _adaptive(
         f"wrong-hit rate {out['wrong_hit_rate']:.3f} "
         f"(second half {out['second_half_wrong_share']:.3f}, hit rate "
         f"{out['second_half_hit_rate']:.3f}); {run.labels:,} labels, {run.probes:,} probes; "
-        f"final threshold {run.final_threshold:.2f}"
+        + (
+            "final verifier cuts " + " ".join(f"{c:.2f}" for c in cuts)
+            if cuts
+            else f"final threshold {run.final_threshold:.2f}"
+        )
     )
     if fixed is not None:
         say(

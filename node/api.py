@@ -448,7 +448,8 @@ async def lookup(request: web.Request) -> web.Response:
         "tokens": result.tokens,
         "truncated": result.truncated,
         "rejected": [{"id": i, "guard": guard} for i, guard in result.rejected],
-        "probe": {"id": p.entry.id, "similarity": p.similarity} if (p := result.probe) else None,
+        "probe": {"id": p.entry.id, "similarity": p.label_at} if (p := result.probe) else None,
+        "feedback_similarity": hit.label_at if hit else None,
     }
     headers = {**read, "X-LLMCache-Status": status}
     if hit:

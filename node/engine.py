@@ -53,6 +53,15 @@ class Hit:
     kind: str  # "exact" | "semantic"
     rerank: float | None = None
     """The re-ranking model's cosine, in namespaces that re-rank (or whose verifier uses it)."""
+    score: float | None = None
+    """The learned verifier's probability, in namespaces with a verifier."""
+
+    @property
+    def label_at(self) -> float:
+        """The value a label on this candidate is filed under (``Feedback.similarity``): what an
+        adaptive namespace learns its threshold on, the verifier's probability when it has
+        one, else the similarity."""
+        return self.similarity if self.score is None else self.score
 
 
 @dataclass(frozen=True)
@@ -121,9 +130,9 @@ class Engine:
         # (tenant, namespace) -> (config_index, settings): settings change only through
         # TenantUpsert/TenantDelete/ConfigSet, which move the store's config_index.
         self._settings: dict[tuple[str, str], tuple[int, policy.Settings]] = {}
-        # (tenant, namespace, δ, bound, configured threshold) -> (histogram bytes, threshold,
-        # precision): the learned threshold is recomputed only when the histogram changed.
-        self._learned: dict[
+        # (tenant, namespace, δ, bound, fallback) -> (histogram bytes, learned value, precision):
+        # the learned value is recomputed only when the histogram changed.
+        self._learned_cache: dict[
             tuple[str, str, float, str, float], tuple[bytes, float, float | None]
         ] = {}
 
@@ -206,6 +215,7 @@ class Engine:
         query, tokens, truncated = supplied or self._query_vector(settings, nsmeta, key, None)
         candidates = self._search(key.scope_key, query, settings.top_k, now)
         threshold = self.threshold(key.tenant, key.namespace, settings, request_threshold=threshold)
+        scored: list[Hit] = []  # the candidates the verifier saw, with its probability
         rejected: list[tuple[int, str]] = []
         names = guards.parse(settings.guards)
         passed: list[Hit] = []
@@ -220,7 +230,7 @@ class Engine:
                 continue
             rejected.append((candidate.entry.id, veto))
             metrics.GUARD_REJECTIONS.labels(key.tenant, veto).inc()
-        for candidate in self._second_stage(key, settings, passed, rejected):
+        for candidate in self._second_stage(key, settings, passed, rejected, scored):
             self.access.record(candidate.entry.id, now)
             return LookupResult(
                 "semantic_hit",
@@ -234,11 +244,17 @@ class Engine:
         probe = None
         if settings.adaptive_delta > 0 and candidates:
             best = candidates[0]
-            vetoed = any(entry_id == best.entry.id for entry_id, _ in rejected) or (
-                best.similarity < threshold
-                and guards.verify(key.text, best.entry.text, names) is not None
-            )
-            probe = dataclasses.replace(best, similarity=0.0) if vetoed else best
+            if settings.verifier:
+                # Learning on the verifier's probability: a candidate it never saw (below the
+                # threshold or vetoed by a guard) would not be served at any cut.
+                seen = [h for h in scored if h.entry.id == best.entry.id]
+                probe = seen[0] if seen else dataclasses.replace(best, similarity=0.0)
+            else:
+                vetoed = any(entry_id == best.entry.id for entry_id, _ in rejected) or (
+                    best.similarity < threshold
+                    and guards.verify(key.text, best.entry.text, names) is not None
+                )
+                probe = dataclasses.replace(best, similarity=0.0) if vetoed else best
             metrics.PROBES.labels(key.tenant).inc()
         return LookupResult(
             "miss", None, threshold, candidates, tokens, truncated, tuple(rejected), probe
@@ -250,14 +266,18 @@ class Engine:
         settings: policy.Settings,
         passed: list[Hit],
         rejected: list[tuple[int, str]],
+        scored: list[Hit],
     ) -> list[Hit]:
         """The candidates that passed the threshold and the guards, re-ranked and verified when
         the namespace says so: the accepted ones, best first (the first is the hit). Vetoed ones
-        are appended to ``rejected`` as ``rerank`` or ``verifier``."""
+        are appended to ``rejected`` as ``rerank`` or ``verifier``; every candidate the verifier
+        decided, accepted or not, to ``scored`` with its probability. An adaptive namespace with
+        a verifier learns the probability cut (``node/adaptive.py``), else the verifier's own
+        cut applies."""
         check = learned.parse(settings.verifier) if settings.verifier else None
         if not passed or (check is None and not settings.rerank):
             return passed
-        scored: list[Hit] = passed
+        ranked: list[Hit] = passed
         if settings.rerank or (check is not None and check.needs_rerank):
             reranker = self.embedders.get(RERANK)
             if reranker is None:
@@ -269,17 +289,24 @@ class Engine:
             texts = [key.text, *(h.entry.text for h in passed)]
             vectors = reranker.embed(texts).vectors
             scores = vectors[1:] @ vectors[0]
-            scored = [
+            ranked = [
                 dataclasses.replace(h, rerank=float(min(1.0, max(-1.0, s))))
                 for h, s in zip(passed, scores.tolist(), strict=True)
             ]
             # Stable sort: equal re-rank scores keep the k-NN order, so every node agrees.
-            scored.sort(key=lambda h: -(h.rerank or 0.0))
+            ranked.sort(key=lambda h: -(h.rerank or 0.0))
+        cut = 0.0
+        if check is not None:
+            cut = check.cut
+            if settings.adaptive_delta > 0:
+                cut = self.learned(key.tenant, key.namespace, settings, check.cut)
         accepted: list[Hit] = []
-        for h in scored:
+        for h in ranked:
             if check is not None:
                 values = learned.features(key.text, h.entry.text, h.similarity, h.rerank)
-                ok, name = check.accepts(values), "verifier"
+                h = dataclasses.replace(h, score=check.probability(values))
+                scored.append(h)
+                ok, name = h.label_at >= cut, "verifier"
             else:
                 ok, name = (h.rerank or 0.0) >= settings.rerank_threshold, "rerank"
             if ok:
@@ -298,27 +325,29 @@ class Engine:
         request_threshold: float | None = None,
     ) -> float:
         """The similarity a semantic hit needs: the caller's own threshold when given, else the
-        learned one of an adaptive namespace once its labels back one, else the setting."""
-        if request_threshold is not None or settings.adaptive_delta <= 0:
+        learned one of an adaptive namespace without a verifier once its labels back one (with
+        a verifier the probability cut is learned instead), else the setting."""
+        if request_threshold is not None or settings.adaptive_delta <= 0 or settings.verifier:
             return settings.threshold
+        return self.learned(tenant, namespace, settings, settings.threshold)
+
+    def learned(
+        self, tenant: str, namespace: str, settings: policy.Settings, fallback: float
+    ) -> float:
+        """The value an adaptive namespace's labels back (``adaptive.learned_threshold``), or
+        ``fallback`` while they back none."""
         with self.store.read() as txn:
             raw = bytes(txn.get(join(tenant, namespace), db=self.store.dbs["quality"]) or b"")
-        key = (
-            tenant,
-            namespace,
-            settings.adaptive_delta,
-            settings.adaptive_bound,
-            settings.threshold,
-        )
-        cached = self._learned.get(key)
+        key = (tenant, namespace, settings.adaptive_delta, settings.adaptive_bound, fallback)
+        cached = self._learned_cache.get(key)
         if cached is None or cached[0] != raw:
             labels = adaptive.Labels.from_record(unpack(raw)) if raw else adaptive.Labels()
-            threshold = adaptive.learned_threshold(
-                labels, settings.adaptive_delta, settings.threshold, bound=settings.adaptive_bound
+            value = adaptive.learned_threshold(
+                labels, settings.adaptive_delta, fallback, bound=settings.adaptive_bound
             )
-            if len(self._learned) > SETTINGS_CACHE_SIZE:
-                self._learned.clear()
-            cached = self._learned[key] = (raw, threshold, labels.precision_at(threshold))
+            if len(self._learned_cache) > SETTINGS_CACHE_SIZE:
+                self._learned_cache.clear()
+            cached = self._learned_cache[key] = (raw, value, labels.precision_at(value))
         if cached[2] is not None:
             metrics.ESTIMATED_PRECISION.labels(tenant, namespace).set(cached[2])
         return cached[1]

@@ -186,9 +186,17 @@ SCHEMAS: dict[str, Schema] = {
             "probe": nullable(
                 {
                     **ref("Candidate"),
-                    "description": "Adaptive namespaces: a miss just below the learned threshold. "
+                    "description": "Adaptive namespaces: on a miss, the best candidate. "
                     "Compare the fresh answer with this entry's and send the label with this "
-                    "similarity to /v1/cache/feedback.",
+                    "similarity to /v1/cache/feedback (0: a guard vetoed it; in namespaces "
+                    "with a verifier, its probability).",
+                }
+            ),
+            "feedback_similarity": nullable(
+                {
+                    "type": "number",
+                    "description": "On a hit: the similarity to send with feedback on it (the "
+                    "learned verifier's probability in namespaces with one, else the cosine).",
                 }
             ),
         },

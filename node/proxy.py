@@ -479,7 +479,7 @@ def _judge_later(
                     call.tenant,
                     candidate.entry.id,
                     label,
-                    similarity=candidate.similarity,
+                    similarity=candidate.label_at,
                     query=key.text,
                 )
                 await call.services.proposer.propose(command, wait="committed")

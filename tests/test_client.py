@@ -69,6 +69,8 @@ def test_store_then_exact_and_semantic_lookups_are_typed(client: CacheClient) ->
     semantic = client.lookup("how can i reset my password", namespace=ns)
     assert semantic.status == "SEMANTIC_HIT" and semantic.kind == "semantic"
     assert semantic.similarity is not None and 0.88 <= semantic.similarity < 1.0
+    # No verifier: feedback on the hit is filed under its similarity; no probe on hits.
+    assert semantic.feedback_similarity == semantic.similarity and semantic.probe is None
     miss = client.lookup("What is the capital of France?", namespace=ns)
     assert miss.status == "MISS" and not miss.hit and miss.kind is None and miss.entry is None
 

@@ -139,6 +139,37 @@ def test_wrong_hit_rate_bound_learns_from_probes_of_every_miss(cache: LocalCache
     assert engine.lookup(key, vector=query).status == "miss"
 
 
+def test_an_adaptive_namespace_with_a_verifier_learns_its_probability_cut(
+    cache: LocalCache,
+) -> None:
+    """With a verifier, labels are filed under its probability and the cut is what is learned;
+    the threshold stays the configured gate."""
+    engine = cache.engine
+    overlap = '{"format":1,"weights":{"word_jaccard":40.0},"bias":-20.4,"cut":0.5}'
+    settings = {"threshold": 0.8, "verifier": overlap, "adaptive_delta": 0.1}
+    cache.propose(engine.prepare_config(settings, "t1", "ns"))
+    v = unit_vector("stored")
+    entry_id = put(cache, "reset my password", v)
+    # Word Jaccard 0.5: probability sigmoid(40 * 0.5 - 20.4) = 0.401, under the cut 0.5.
+    key = keys.text_key("t1", "ns", "reset my cat")
+    first = engine.lookup(key, vector=at_similarity(v, 0.9))
+    assert first.status == "miss" and first.threshold == 0.8
+    assert first.rejected == ((entry_id, "verifier"),)
+    assert first.probe is not None and first.probe.label_at == pytest.approx(0.401, abs=1e-3)
+    hit = engine.lookup(keys.text_key("t1", "ns", "reset my password now"), vector=v.tolist())
+    assert hit.status == "semantic_hit" and hit.hit is not None
+    assert hit.hit.label_at == hit.hit.score and hit.hit.label_at > 0.99
+    # Below the gate the verifier never runs: the probe is filed under 0.
+    low = engine.lookup(key, vector=at_similarity(v, 0.5))
+    assert low.probe is not None and low.probe.label_at == 0.0
+    for i in range(60):  # wrong ones at low probabilities, right ones from 0.40 up
+        feedback(cache, entry_id, 0.05 + 0.005 * i, "wrong")
+        feedback(cache, entry_id, 0.40 + 0.005 * i, "correct")
+    learned = engine.lookup(key, vector=at_similarity(v, 0.9))
+    assert learned.status == "semantic_hit" and learned.threshold == 0.8
+    assert learned.hit is not None and learned.hit.label_at == pytest.approx(0.401, abs=1e-3)
+
+
 def test_feedback_learning_is_deterministic_and_survives_entry_deletion(tmp_path: Path) -> None:
     """Two replicas applying the same log hold the same histograms (same digest); a label on an
     entry deleted meanwhile still counts in the namespace the proposer saw."""

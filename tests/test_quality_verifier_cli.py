@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from llmcache.client import CacheClient
 from llmcache.client.cli import main
 from llmcache.node import verifier as learned
+from llmcache.node.adaptive import NO_SEMANTIC_HITS
 from llmcache.node.embed import bge
 from tests.node_process import NodeProcess
 from tests.test_quality_cli import write
@@ -129,3 +130,17 @@ def test_a_tuned_verifier_is_applied_to_the_cluster_and_decides_its_hits(
         # Above the threshold (0.5) and past the guards: the verifier said no.
         assert other.status == "MISS" and other.similarity is not None
         assert other.similarity >= 0.5
+
+
+def test_eval_streams_each_fold_with_a_verifier_trained_on_the_others(data: Path) -> None:
+    code, out, err = run(
+        "eval", "--data", str(data), "--json", "--adaptive-delta", "0.3",
+        "--adaptive-verifier", "--folds", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    adaptive = json.loads(out)["adaptive"]
+    assert adaptive["verifier_folds"] == 3 and len(adaptive["final_cuts"]) == 3
+    assert adaptive["lookups"] == len(rows())
+    # Every hit and every probe was labelled, each under the verifier's probability.
+    assert adaptive["labels"] == adaptive["hits"] + adaptive["probes"]
+    assert all(0.0 <= cut <= NO_SEMANTIC_HITS for cut in adaptive["final_cuts"])
