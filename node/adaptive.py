@@ -12,6 +12,9 @@ What δ bounds (setting ``adaptive_bound``):
   the share of *all* lookups answered wrongly (vCache's error rate), which is never larger.
 - ``hits``: the share of served hits that are wrong (precision ≥ 1 − δ), the stricter promise.
 
+"Similarity" is the cosine, or in a namespace with a learned verifier its probability
+(``Hit.label_at`` in ``node/engine.py``): there the learned value is the verifier's cut.
+
 From the histogram, :func:`learned_threshold` picks the lowest grid threshold ``t`` at which a
 one-sided upper confidence bound (Wilson score, ``z`` = 1.645, i.e. 95 %) on that share is at
 most δ, with at least ``min_labels`` labels behind it (wrong labels for ``should_miss``, labels

@@ -80,7 +80,8 @@ class Settings:
     verifier: str = ""
     """A learned verifier (``node/verifier.py``, JSON written by ``llmcache-cli tune
     --train-verifier``) deciding each candidate at or above ``threshold`` that passes the guards;
-    it replaces ``rerank_threshold``. Empty: none."""
+    it replaces ``rerank_threshold``. With ``adaptive_delta`` > 0 its probability cut is what is
+    learned from feedback (``threshold`` stays the gate). Empty: none."""
 
     def merged(self, values: dict[str, Any]) -> Settings:
         return dataclasses.replace(self, **validate(values)) if values else self
