@@ -167,9 +167,6 @@ class Verifier:
         e = math.exp(z)
         return e / (1.0 + e)
 
-    def accepts(self, values: Sequence[float]) -> bool:
-        return self.probability(values) >= self.cut
-
     def dumps(self) -> str:
         """The stored form: compact JSON; floats round-trip exactly (``repr``)."""
         return json.dumps(
