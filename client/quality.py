@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from llmcache.node import keys
 from llmcache.node import verifier as learned
+from llmcache.node.cross_encoder import CrossEncoder
 from llmcache.node.embed import Embedder, EmbedResult
 from llmcache.node.errors import CacheError
 from llmcache.node.local import LocalCache
@@ -350,13 +351,19 @@ def roc_auc(scores: Floats, labels: Bools) -> float:
 # -- the learned verifier, cross-validated -----------------------------------------------------
 
 
-def feature_rows(pairs: list[Pair], scores: Floats, rerank: Floats | None) -> learned.Matrix:
+def feature_rows(
+    pairs: list[Pair], scores: Floats, rerank: Floats | None, cross: Floats | None = None
+) -> learned.Matrix:
     """Every pair's :func:`learned.features` (query ``text_b``, cached ``text_a``), as the
-    engine computes them from its own cosines."""
+    engine computes them from its own cosines (and cross-encoder scores)."""
     return np.array(
         [
             learned.features(
-                p.text_b, p.text_a, float(scores[i]), None if rerank is None else float(rerank[i])
+                p.text_b,
+                p.text_a,
+                float(scores[i]),
+                None if rerank is None else float(rerank[i]),
+                None if cross is None else float(cross[i]),
             )
             for i, p in enumerate(pairs)
         ],
@@ -364,15 +371,67 @@ def feature_rows(pairs: list[Pair], scores: Floats, rerank: Floats | None) -> le
     )
 
 
-def feature_names(rerank: bool) -> list[str]:
-    """The features a verifier uses: all, or all but the re-ranking ones."""
-    return [f for f in learned.FEATURES if rerank or f not in learned.RERANK_FEATURES]
+def feature_names(rerank: bool, cross: bool = False) -> list[str]:
+    """The features a verifier uses: all, less the re-ranking ones without ``rerank`` and the
+    cross-encoder's without ``cross``."""
+    return [
+        f
+        for f in learned.FEATURES
+        if (rerank or f not in learned.RERANK_FEATURES)
+        and (cross or f not in learned.CROSS_FEATURES)
+    ]
 
 
-def folds_of(pairs: Sequence[Pair], k: int) -> npt.NDArray[np.int64]:
+def cross_scores(
+    pairs: Sequence[Pair],
+    models: Sequence[CrossEncoder],
+    folds: npt.NDArray[np.int64] | None = None,
+    eligible: Bools | None = None,
+) -> Floats:
+    """Each pair's cross-encoder score (query ``text_b``, cached ``text_a``, as the engine
+    scores them). With one model it scores every pair; with k models and ``folds`` (k folds),
+    model i scores fold i: model i must not have been trained on fold i's pairs. Pairs not
+    ``eligible`` (the verifier never sees them) get 0 and cost nothing."""
+    if len(models) > 1 and (folds is None or int(folds.max()) + 1 != len(models)):
+        raise ValueError(f"{len(models)} cross-encoders need {len(models)} folds")
+    out = np.zeros(len(pairs))
+    for i, p in enumerate(pairs):
+        if eligible is None or eligible[i]:
+            model = models[0] if len(models) == 1 else models[int(folds[i])]  # type: ignore[index]
+            out[i] = model.score(p.text_b, p.text_a)
+    return out
+
+
+def cross_validate_nested(
+    rows: learned.Matrix,
+    labels: Bools,
+    names: list[str],
+    pairs: Sequence[Pair],
+    folds: npt.NDArray[np.int64],
+    eligible: Bools | None = None,
+) -> CrossValidation:
+    """:func:`cross_validate` inside each fold separately (inner folds :func:`folds_of` the
+    fold's pairs): for a feature made by a model per fold (:func:`cross_scores` with k models),
+    no verifier is trained on a score from a model that saw the pairs it is tested on."""
+    out = np.full(len(labels), -1.0)
+    models: list[learned.Verifier] = []
+    k = int(folds.max()) + 1 if len(folds) else 0
+    for fold in range(k):
+        idx = np.flatnonzero(folds == fold)
+        inner = folds_of([pairs[int(i)] for i in idx], k, salt=f"inner {fold} ")
+        cv = cross_validate(
+            rows[idx], labels[idx], names, inner, None if eligible is None else eligible[idx]
+        )
+        out[idx] = cv.probabilities
+        models.append(cv.models[0])
+    return CrossValidation(out, folds, models)
+
+
+def folds_of(pairs: Sequence[Pair], k: int, salt: str = "") -> npt.NDArray[np.int64]:
     """Fold number of each pair: pairs that share a text (directly or through other pairs) share
     a fold, so no held-out text was seen in training (a quarter of QQP's pairs share one). The
-    fold of a group is a hash of its first text: the same data gives the same folds."""
+    fold of a group is a hash of ``salt`` and its first text: the same data gives the same
+    folds; another salt, independent ones."""
     parent: dict[str, str] = {}
 
     def root(text: str) -> str:
@@ -385,7 +444,7 @@ def folds_of(pairs: Sequence[Pair], k: int) -> npt.NDArray[np.int64]:
         parent[root(p.text_a)] = root(p.text_b)
     return np.array(
         [
-            int.from_bytes(hashlib.sha256(root(p.text_a).encode()).digest()[:8], "big") % k
+            int.from_bytes(hashlib.sha256((salt + root(p.text_a)).encode()).digest()[:8], "big") % k
             for p in pairs
         ],
         np.int64,

@@ -8,27 +8,32 @@ option), with the file and line named on stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import numpy as np
 
 from llmcache.client import quality as q
-from llmcache.node import guards
+from llmcache.node import cross_encoder, guards
+from llmcache.node import verifier as learned
+from llmcache.node.cross_encoder import CrossEncoder
 from llmcache.node.embed import Embedder, ModelIntegrityError, bge, default_embedder
+from llmcache.node.errors import CacheError
 
 GRID = [round(0.70 + 0.02 * i, 2) for i in range(14)]  # 0.70 .. 0.96
 EXIT_OK, EXIT_MISSED, EXIT_USAGE = 0, 1, 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(EXIT_USAGE)
 
@@ -231,6 +236,16 @@ def _latency(
     help="Embedder threshold below which candidates never reach re-ranking or the verifier.",
 )
 @click.option(
+    "--cross-encoder",
+    "cross_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="With --verifier: a cross-encoder model directory (node/cross_encoder.py) whose score "
+    "is a verifier feature: curve 'guards +cross +verifier'. Once: it scores every pair (it must "
+    "not have been trained on them); --folds times: the i-th scores fold i, and the verifier is "
+    "cross-validated inside each fold (nested).",
+)
+@click.option(
     "--latency",
     type=click.IntRange(min=0),
     default=0,
@@ -278,6 +293,7 @@ def eval_command(
     with_verifier: bool,
     folds: int,
     gate: float,
+    cross_dirs: tuple[Path, ...],
     latency: int,
     adaptive_start: float,
     adaptive_bound: str,
@@ -308,6 +324,10 @@ def eval_command(
         for name, guard in guards.GUARDS.items():
             veto = np.array([guard(p.text_b, p.text_a) for p in pairs], bool)
             variants[f"only {name}"] = q.effective(run.scores, veto)
+    if cross_dirs and not with_verifier:
+        _fail("--cross-encoder needs --verifier")
+    if len(cross_dirs) not in (0, 1, folds):
+        _fail(f"--cross-encoder: give one model directory or --folds ({folds})")
     second = _second_stage(
         pairs,
         vecs,
@@ -315,14 +335,11 @@ def eval_command(
         labels,
         run,
         vetoed,
-        rerank,
-        rerank_vectors,
-        with_verifier,
-        folds,
-        gate,
+        StagePlan(rerank, rerank_vectors, with_verifier, folds, gate, cross_dirs),
         say,
     )
     variants.update(second.pop("curves"))
+    variants.update(second.pop("cross_curves", {}))
     result.update(second)
     result["at_recall"] = {
         name: {str(r): q.precision_at_recall(s, labels, r)[0] for r in RECALLS}
@@ -362,6 +379,19 @@ def eval_command(
         click.echo(json.dumps(result, indent=1))
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """What ``eval`` measures after the guards: re-ranking, the verifier (k folds), behind the
+    gate, with cross-encoders' scores as a feature."""
+
+    rerank: bool
+    rerank_vectors: Path | None
+    with_verifier: bool
+    folds: int
+    gate: float
+    cross_dirs: tuple[Path, ...] = ()
+
+
 def _second_stage(
     pairs: list[q.Pair],
     vecs: dict[str, np.ndarray],
@@ -369,15 +399,13 @@ def _second_stage(
     labels: q.Bools,
     run: q.Replay,
     vetoed: q.Bools,
-    rerank: bool,
-    rerank_vectors: Path | None,
-    with_verifier: bool,
-    folds: int,
-    gate: float,
+    plan: StagePlan,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Curves of re-ranking and of the cross-validated verifier, behind the guards and the
     gate: a pair the guards veto or whose embedder cosine is below ``gate`` misses."""
+    rerank, rerank_vectors, folds, gate = plan.rerank, plan.rerank_vectors, plan.folds, plan.gate
+    with_verifier = plan.with_verifier
     out: dict[str, Any] = {"curves": {}, "gate": gate}
     eligible = ~vetoed & (run.scores >= gate)
     rerank_scores = None
@@ -416,7 +444,60 @@ def _second_stage(
                 f"{name}: precision at recall 0.5 per held-out fold "
                 + " ".join(f"{v:.3f}" for v in per_fold)
             )
+        if plan.cross_dirs:
+            out.update(_cross_stage(pairs, labels, rows, eligible, plan, say))
     return out
+
+
+def _cross_stage(
+    pairs: list[q.Pair],
+    labels: q.Bools,
+    rows: learned.Matrix,
+    eligible: q.Bools,
+    plan: StagePlan,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The verifier with the cross-encoders' score as a feature (nested cross-validation when
+    there is a model per fold), and the cross-encoder's score alone behind the guards."""
+    models = [_cross_encoder(d) for d in plan.cross_dirs]
+    folds = q.folds_of(pairs, plan.folds)
+    t0 = time.perf_counter()
+    cross = q.cross_scores(pairs, models, folds if len(models) > 1 else None, eligible)
+    scored = int(eligible.sum())
+    say(
+        f"cross-encoder: scored {scored:,} pairs in {time.perf_counter() - t0:.1f} s "
+        f"(both orders, one thread)"
+    )
+    rows = rows.copy()
+    rows[:, learned.FEATURES.index("cross_encoder")] = cross
+    names = q.feature_names(plan.rerank, cross=True)
+    if len(models) > 1:
+        cv = q.cross_validate_nested(rows, labels, names, pairs, folds, eligible)
+    else:
+        cv = q.cross_validate(rows, labels, names, folds, eligible)
+    per_fold = [
+        q.precision_at_recall(cv.probabilities[folds == f], labels[folds == f], 0.5)[0]
+        for f in range(plan.folds)
+    ]
+    say(
+        "guards +cross +verifier: precision at recall 0.5 per fold "
+        + " ".join(f"{v:.3f}" for v in per_fold)
+    )
+    return {
+        "cross_encoder": {
+            "models": [m.digest for m in models],
+            "protocol": "nested: a model per fold scores it, the verifier is cross-validated "
+            "inside each fold"
+            if len(models) > 1
+            else "one model scores every pair; the verifier is cross-validated over the folds",
+            "precision_at_recall_0.5_per_fold": per_fold,
+        },
+        "cross_curves": {
+            "guards +cross +verifier": cv.probabilities,
+            # The curve reads negative scores as "never a hit": logits become probabilities.
+            "guards +cross": np.where(eligible, 1.0 / (1.0 + np.exp(-cross)), -1.0),
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -535,6 +616,14 @@ def _adaptive(
 )
 @click.option("--rerank", is_flag=True, help="With --train-verifier: use re-ranking features.")
 @click.option(
+    "--cross-encoder",
+    "cross_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="With --train-verifier: a cross-encoder model directory whose score becomes a feature "
+    "(train it on other labelled pairs than these); install it on every node with "
+    "'llmcache-cli models install'.",
+)
+@click.option(
     "--gate",
     type=click.FloatRange(0.0, 1.0),
     default=DEFAULT_GATE,
@@ -560,6 +649,7 @@ def tune_command(
     as_json: bool,
     train_verifier: bool,
     rerank: bool,
+    cross_dir: Path | None,
     gate: float,
     folds: int,
     apply: bool,
@@ -573,6 +663,8 @@ def tune_command(
     say = _say(as_json)
     if rerank and not train_verifier:
         _fail("--rerank needs --train-verifier")
+    if cross_dir and not train_verifier:
+        _fail("--cross-encoder needs --train-verifier")
     if apply and not tenant:
         _fail("--apply needs --tenant")
     pairs, embedder, vecs = _prepare(data, limit, vectors, say)
@@ -583,6 +675,13 @@ def tune_command(
     if rerank:
         rr = q.replay(pairs, vecs, embedder, "none", _reranker(pairs, None, say))
         rerank_scores = rr.rerank
+    cross = None
+    if cross_dir:
+        model = _cross_encoder(cross_dir)
+        cross = CrossScores(
+            model.digest,
+            q.cross_scores(pairs, [model], eligible=~vetoed & (run.scores >= gate)),
+        )
     by_namespace: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         by_namespace.setdefault(p.namespace, []).append(i)
@@ -596,6 +695,7 @@ def tune_command(
                 [pairs[i] for i in rows],
                 run.scores[idx],
                 None if rerank_scores is None else rerank_scores[idx],
+                None if cross is None else CrossScores(cross.digest, cross.scores[idx]),
                 ~vetoed[idx] & (run.scores[idx] >= gate),
                 labels,
                 target_precision,
@@ -642,10 +742,19 @@ def tune_command(
     sys.exit(EXIT_MISSED if missed else EXIT_OK)
 
 
+@dataclass(frozen=True)
+class CrossScores:
+    """A cross-encoder's digest and its score of each pair."""
+
+    digest: str
+    scores: q.Floats
+
+
 def _tune_verifier(
     pairs: list[q.Pair],
     scores: q.Floats,
     rerank_scores: q.Floats | None,
+    cross: CrossScores | None,
     eligible: q.Bools,
     labels: q.Bools,
     target_precision: float,
@@ -655,12 +764,12 @@ def _tune_verifier(
 ) -> tuple[dict[str, Any], q.Row] | None:
     if labels.all() or not labels.any() or eligible.sum() < 2 * folds:
         return None
-    rows = q.feature_rows(pairs, scores, rerank_scores)
+    rows = q.feature_rows(pairs, scores, rerank_scores, None if cross is None else cross.scores)
     try:
         trained = q.train_verifier(
             rows,
             labels,
-            q.feature_names(rerank),
+            q.feature_names(rerank, cross is not None),
             target_precision,
             q.folds_of(pairs, folds),
             eligible,
@@ -670,6 +779,8 @@ def _tune_verifier(
     if trained is None:
         return None
     verifier, row = trained
+    if cross is not None:
+        verifier = dataclasses.replace(verifier, cross_encoder=cross.digest)
     settings = {"threshold": gate, "verifier": verifier.dumps(), "rerank": rerank}
     return settings, row
 
@@ -692,7 +803,54 @@ def _apply(
                 say(f"{namespace}: settings written to tenant {tenant!r}")
 
 
+def _cross_encoder(model_dir: Path) -> CrossEncoder:
+    """The model in ``model_dir``, checked by scoring one pair; exits with the reason if not."""
+    try:
+        model = CrossEncoder(model_dir)
+        model.score("How do I reset my password?", "password reset steps?")
+    except CacheError as exc:
+        _fail(exc.message)
+    except Exception as exc:  # onnxruntime and tokenizers raise their own types
+        _fail(f"{model_dir} is not a usable cross-encoder: {exc}")
+    return model
+
+
+@click.group("models")
+def models_group() -> None:
+    """Tenant cross-encoders (node/cross_encoder.py): a directory with model.onnx and
+    tokenizer.json, named by its digest in the verifier that uses it."""
+
+
+@models_group.command("digest")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def digest_command(model_dir: Path) -> None:
+    """Print the digest a verifier names this model directory by."""
+    try:
+        click.echo(cross_encoder.digest(model_dir))
+    except CacheError as exc:
+        _fail(exc.message)
+
+
+@models_group.command("install")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The node's models_dir (default there: <data_dir>/models). Run once per node.",
+)
+def install_command(model_dir: Path, models_dir: Path) -> None:
+    """Copy a model directory into a node's models_dir under its digest, after checking that
+    onnxruntime loads it and scores a pair; prints the digest."""
+    _cross_encoder(model_dir)
+    try:
+        click.echo(cross_encoder.install(model_dir, models_dir))
+    except (CacheError, OSError) as exc:
+        _fail(str(exc))
+
+
 def register(group: click.Group) -> None:
-    """Add ``eval`` and ``tune`` to ``llmcache-cli``."""
+    """Add ``eval``, ``tune`` and ``models`` to ``llmcache-cli``."""
     group.add_command(eval_command)
     group.add_command(tune_command)
+    group.add_command(models_group)

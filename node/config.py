@@ -176,6 +176,9 @@ class NodeConfig(BaseSettings):
     remote_embedder_dim: int | None = Field(None, ge=1)
     remote_embedder_api_key: Secret | None = None
     embedding_cache_bytes: int = Field(256 << 20, ge=0)
+    models_dir: Path | None = None
+    """Where tenant cross-encoders are installed (``llmcache-cli models install``), one
+    subdirectory per digest; default ``<data_dir>/models``."""
     hnsw_m: int = Field(16, ge=2)
     hnsw_ef_construction: int = Field(200, ge=1)
     hnsw_ef_search: int = Field(64, ge=1)

@@ -25,6 +25,7 @@ import numpy as np
 from llmcache.cluster import commands as c
 from llmcache.node import adaptive, guards, limits, metrics, policy
 from llmcache.node import verifier as learned
+from llmcache.node.cross_encoder import CrossEncoders
 from llmcache.node.embed import Embedder, validate_vector
 from llmcache.node.errors import (
     DimensionMismatch,
@@ -120,10 +121,12 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        cross_encoders: CrossEncoders | None = None,
     ) -> None:
         self.store = store
         self.feed = feed
         self.embedders = dict(embedders)
+        self.cross_encoders = cross_encoders or CrossEncoders(None)
         self.clock = clock
         self.rng = rng
         self.access = AccessStats()
@@ -295,15 +298,23 @@ class Engine:
             ]
             # Stable sort: equal re-rank scores keep the k-NN order, so every node agrees.
             ranked.sort(key=lambda h: -(h.rerank or 0.0))
-        cut = 0.0
+        cut, cross = 0.0, None
         if check is not None:
             cut = check.cut
+            if check.cross_encoder:
+                cross = self.cross_encoders.get(check.cross_encoder)
             if settings.adaptive_delta > 0:
                 cut = self.learned(key.tenant, key.namespace, settings, check.cut)
         accepted: list[Hit] = []
         for h in ranked:
             if check is not None:
-                values = learned.features(key.text, h.entry.text, h.similarity, h.rerank)
+                values = learned.features(
+                    key.text,
+                    h.entry.text,
+                    h.similarity,
+                    h.rerank,
+                    None if cross is None else cross.score(key.text, h.entry.text),
+                )
                 h = dataclasses.replace(h, score=check.probability(values))
                 scored.append(h)
                 ok, name = h.label_at >= cut, "verifier"

@@ -81,6 +81,14 @@ class EmbedderUnavailable(CacheError):
     http_status = 503
 
 
+class CrossEncoderMissing(CacheError):
+    """A namespace's verifier needs a cross-encoder this node does not have, or whose files do
+    not match their digest (``node/cross_encoder.py``); no hit is served unverified."""
+
+    code = "cross_encoder_missing"
+    http_status = 503
+
+
 class StoreFull(CacheError):
     """The LMDB map reached its configured hard limit; eviction must make room first."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmcache.cluster import commands as c
 from llmcache.cluster.fsm import Result, StateMachine
+from llmcache.node.cross_encoder import CrossEncoders
 from llmcache.node.embed import Embedder
 from llmcache.node.engine import Engine
 from llmcache.node.index import IndexParams
@@ -30,7 +31,8 @@ class LocalCache:
     Durability is the store's (``durable=True``: every applied command is fsynced).
     ``embedders`` maps the names namespaces choose (setting ``embedder``) to embedders; without
     it the default embedder (all-MiniLM-L6-v2) is loaded as ``default``, and the re-ranking
-    model as ``rerank`` when it is installed (loaded at its first use).
+    model as ``rerank`` when it is installed (loaded at its first use). Cross-encoders
+    (``node/cross_encoder.py``) come from ``models_dir``, default ``<path>/models``.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class LocalCache:
         max_map_size: int = 64 << 30,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        models_dir: Path | None = None,
     ) -> None:
         if embedders is None:
             from llmcache.node.embed import bge, default_embedder
@@ -58,7 +61,14 @@ class LocalCache:
         self.fsm = StateMachine(self.store)
         self.feed = IndexFeed(self.store, index_params)
         self.feed.open(self.path / "index")
-        self.engine = Engine(self.store, self.feed, embedders, clock=clock, rng=rng)
+        self.engine = Engine(
+            self.store,
+            self.feed,
+            embedders,
+            clock=clock,
+            rng=rng,
+            cross_encoders=CrossEncoders(models_dir or self.path / "models"),
+        )
         self._lock = threading.Lock()
 
     def propose(self, command: c.Command) -> Result:

@@ -54,12 +54,18 @@ FEATURES: tuple[str, ...] = (
     "entities",
     "question_type",
     "length_mismatch",
+    "cross_encoder",
 )
 """Every feature, in the order :func:`features` computes them. ``rerank_*`` are 0 when the
 namespace does not re-rank (a verifier trained with re-ranking needs it on: see
-:meth:`Verifier.needs_rerank`)."""
+:meth:`Verifier.needs_rerank`); ``cross_encoder`` is 0 unless the verifier names a
+cross-encoder (``node/cross_encoder.py``), whose score it then is."""
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+"""How a verifier names its cross-encoder (``node/cross_encoder.py``, :func:`digest`)."""
 
 RERANK_FEATURES = frozenset({"rerank_cosine", "rerank_cosine_sq", "cosine_x_rerank"})
+CROSS_FEATURES = frozenset({"cross_encoder"})
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # Function words: a difference in them rarely changes what is asked.
@@ -92,12 +98,17 @@ def _char3(text: str) -> set[str]:
 
 
 def features(
-    query: str, cached: str, cosine: float, rerank_cosine: float | None = None
+    query: str,
+    cached: str,
+    cosine: float,
+    rerank_cosine: float | None = None,
+    cross_score: float | None = None,
 ) -> list[float]:
     """The feature vector of a (query, candidate) pair, in :data:`FEATURES` order.
 
     ``cosine`` is the namespace embedder's similarity, ``rerank_cosine`` the re-ranking model's
-    (None without re-ranking: its features are 0). Pure: same inputs, same floats.
+    (None without re-ranking: its features are 0), ``cross_score`` the cross-encoder's (None
+    without one: 0). Pure: same inputs, same floats.
     """
     wa, wb = _words(query), _words(cached)
     sa, sb = set(wa), set(wb)
@@ -126,6 +137,7 @@ def features(
         float(guards.entity_mismatch(query, cached)),
         float(guards.question_type_mismatch(query, cached)),
         float(guards.length_mismatch(query, cached)),
+        0.0 if cross_score is None else float(cross_score),
     ]
 
 
@@ -138,16 +150,24 @@ class Verifier:
     """``probability = sigmoid(bias + Σ weights[f] · feature f)``; a hit needs ``>= cut``.
 
     Only the features named in ``weights`` are used; their order is :data:`FEATURES` order.
+    ``cross_encoder`` is the digest of the cross-encoder whose score the feature of that name
+    is (empty: none; a nonzero weight on it needs one).
     """
 
     weights: tuple[tuple[str, float], ...]
     bias: float
     cut: float = 0.5
+    cross_encoder: str = ""
 
     @property
     def needs_rerank(self) -> bool:
         """True when a re-ranking feature has a nonzero weight: the namespace must re-rank."""
         return any(name in RERANK_FEATURES and w != 0.0 for name, w in self.weights)
+
+    @property
+    def needs_cross_encoder(self) -> bool:
+        """True when the cross-encoder's score has a nonzero weight (it then names one)."""
+        return any(name in CROSS_FEATURES and w != 0.0 for name, w in self.weights)
 
     def logit(self, values: Sequence[float]) -> float:
         """``bias + Σ w·x`` over the used features, summed in :data:`FEATURES` order."""
@@ -169,10 +189,15 @@ class Verifier:
 
     def dumps(self) -> str:
         """The stored form: compact JSON; floats round-trip exactly (``repr``)."""
-        return json.dumps(
-            {"format": FORMAT, "weights": dict(self.weights), "bias": self.bias, "cut": self.cut},
-            separators=(",", ":"),
-        )
+        stored: dict[str, object] = {
+            "format": FORMAT,
+            "weights": dict(self.weights),
+            "bias": self.bias,
+            "cut": self.cut,
+        }
+        if self.cross_encoder:
+            stored["cross_encoder"] = self.cross_encoder
+        return json.dumps(stored, separators=(",", ":"))
 
     @classmethod
     def loads(cls, text: str) -> Verifier:
@@ -197,8 +222,14 @@ class Verifier:
             raise VerifierError("verifier weights, bias and cut must be finite numbers")
         if not 0.0 <= cut <= 1.0:
             raise VerifierError("verifier cut must be between 0 and 1")
+        cross = raw.get("cross_encoder", "")
+        if not isinstance(cross, str) or (cross and not DIGEST.fullmatch(cross)):
+            raise VerifierError("verifier cross_encoder must be a digest sha256:<64 hex digits>")
         ordered = tuple((f, float(weights[f])) for f in FEATURES if f in weights)
-        return cls(ordered, float(bias), float(cut))  # type: ignore[arg-type]  # checked above
+        found = cls(ordered, float(bias), float(cut), cross)  # type: ignore[arg-type]  # checked
+        if found.needs_cross_encoder and not cross:
+            raise VerifierError("a verifier weighing cross_encoder must name its cross_encoder")
+        return found
 
 
 MAX_STORED_CHARS = 4096

@@ -26,6 +26,7 @@ from llmcache.node import forwarding, metrics, proxy
 from llmcache.node.app import make_app
 from llmcache.node.clock import ClusterClock
 from llmcache.node.config import NodeConfig
+from llmcache.node.cross_encoder import CrossEncoders
 from llmcache.node.embed import (
     CachedEmbedder,
     Embedder,
@@ -119,7 +120,13 @@ def build_app(cfg: NodeConfig, worker_no: int) -> web.Application:
         "worker %d: indexes %s at applied index %d", worker_no, how, feed.indexes.applied_index
     )
     clock = ClusterClock(store.last_ts_ms)
-    engine = Engine(store, feed, embedders(cfg), clock=clock)
+    engine = Engine(
+        store,
+        feed,
+        embedders(cfg),
+        clock=clock,
+        cross_encoders=CrossEncoders(cfg.models_dir or Path(cfg.data_dir) / "models"),
+    )
     settings = server_settings(cfg)
     proposer = IpcProposer(socket_path(cfg))
     forwarder = forwarding.ForwardingProposer(

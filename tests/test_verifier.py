@@ -57,12 +57,16 @@ weights = st.lists(
     st.floats(-50, 50),
     st.floats(0, 1),
     st.sets(st.sampled_from(learned.FEATURES), min_size=1),
+    st.from_regex(learned.DIGEST, fullmatch=True),
 )
 def test_stored_form_round_trips_exactly(
-    w: list[float], bias: float, cut: float, used: set[str]
+    w: list[float], bias: float, cut: float, used: set[str], digest: str
 ) -> None:
     v = learned.Verifier(
-        tuple((n, x) for n, x in zip(learned.FEATURES, w, strict=True) if n in used), bias, cut
+        tuple((n, x) for n, x in zip(learned.FEATURES, w, strict=True) if n in used),
+        bias,
+        cut,
+        digest if used & learned.CROSS_FEATURES else "",
     )
     back = learned.Verifier.loads(v.dumps())
     assert back == v
