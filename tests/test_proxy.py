@@ -561,6 +561,27 @@ def test_cache_failure_degrades_to_pass_through(
     assert metric("llmcache_degraded_total", reason="embedder_unavailable") == degraded + 1
 
 
+def test_a_missing_cross_encoder_degrades_to_pass_through(
+    server: Server, llm: FakeLLM, local: LocalCache
+) -> None:
+    # The verifier names a cross-encoder this node never installed: no hit may be served
+    # unverified, so the paraphrase goes upstream, marked degraded.
+    verifier = '{"format":1,"weights":{"cross_encoder":1.0},"bias":0,"cross_encoder":"sha256:%s"}'
+    settings = {"verifier": verifier % ("1" * 64), "threshold": 0.5}
+    local.propose(local.engine.prepare_config(settings, "default", "cross"))
+    client = server.client("cross")
+    assert status(ask(client, "How do I reset my password?")) == "MISS"  # no candidate yet
+    server.flush()
+    calls = llm.call_count(CHAT)
+    raw = ask(client, "how can i reset my password")
+    assert status(raw) == "BYPASS"
+    assert raw.headers["X-LLMCache-Degraded"] == "cross_encoder_missing"
+    assert raw.parse().choices[0].message.content == FakeLLM.answer_for(
+        "how can i reset my password"
+    )
+    assert llm.call_count(CHAT) == calls + 1
+
+
 def test_openapi_document_has_the_proxy_routes(server: Server) -> None:
     url = f"http://127.0.0.1:{server.port}/openapi.json"
     with urllib.request.urlopen(url, timeout=WAIT_S) as answer:
