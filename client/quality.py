@@ -188,12 +188,16 @@ class Replay:
 
 
 def _open_cache(
-    tmp: str, embedder: Embedder, settings: dict[str, Any], reranker: Embedder | None = None
+    tmp: str,
+    embedder: Embedder,
+    settings: dict[str, Any],
+    reranker: Embedder | None = None,
+    models_dir: Path | None = None,
 ) -> LocalCache:
     embedders = {"default": embedder}
     if reranker is not None:
         embedders["rerank"] = reranker
-    cache = LocalCache(Path(tmp), embedders=embedders, durable=False)
+    cache = LocalCache(Path(tmp), embedders=embedders, durable=False, models_dir=models_dir)
     cache.propose(cache.engine.prepare_tenant(TENANT))
     if settings:
         cache.propose(cache.engine.prepare_config(settings, TENANT))
@@ -654,12 +658,14 @@ def lookup_latency(
     embedder: Embedder,
     settings: dict[str, Any],
     reranker: Embedder | None = None,
+    models_dir: Path | None = None,
 ) -> Floats:
     """Milliseconds of each ``text_b`` lookup (embedding included, nothing precomputed) in a
-    cache holding the ``text_a`` of ``pairs``, one scope per pair, with ``settings``; timing
-    numbers for notes and benchmarks, never for asserts."""
+    cache holding the ``text_a`` of ``pairs``, one scope per pair, with ``settings`` (and
+    cross-encoders from ``models_dir``); timing numbers for notes and benchmarks, never for
+    asserts."""
     with tempfile.TemporaryDirectory(prefix="llmcache-latency-") as tmp:
-        cache = _open_cache(tmp, embedder, settings, reranker)
+        cache = _open_cache(tmp, embedder, settings, reranker, models_dir)
         try:
             vectors = embed_all(embedder, [p.text_a for p in pairs])
             _store(cache, pairs, vectors)

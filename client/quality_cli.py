@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -168,6 +169,7 @@ def _latency(
     guard_names: str,
     gate: float,
     rerank: bool,
+    cross_dir: Path | None,
     say: Callable[[str], None],
 ) -> dict[str, dict[str, float]]:
     """Milliseconds per lookup (embedding included) without and with the second stage."""
@@ -178,9 +180,28 @@ def _latency(
         # Threshold = the gate, so every candidate above it is re-ranked: the cost of the stage.
         settings = {"guards": guard_names, "threshold": gate, "rerank": True}
         configs["guards +rerank"] = (settings, bge.BgeSmallEmbedder())
+    with tempfile.TemporaryDirectory(prefix="llmcache-models-") as models:
+        if cross_dir is not None:
+            # A verifier on the cross-encoder's score alone: every candidate past the gate
+            # and the guards is scored, which is the stage's cost whatever the weights.
+            found = cross_encoder.digest(cross_dir)
+            (Path(models) / found.removeprefix("sha256:")).symlink_to(cross_dir.resolve())
+            verifier = learned.Verifier((("cross_encoder", 1.0),), 0.0, 0.5, found)
+            settings = {"guards": guard_names, "threshold": gate, "verifier": verifier.dumps()}
+            configs["guards +cross +verifier"] = (settings, None)
+        return _time_configs(pairs, embedder, configs, Path(models), say)
+
+
+def _time_configs(
+    pairs: list[q.Pair],
+    embedder: Embedder,
+    configs: dict[str, tuple[dict[str, Any], Embedder | None]],
+    models: Path,
+    say: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
     out = {}
     for name, (settings, reranker) in configs.items():
-        ms = q.lookup_latency(pairs, embedder, settings, reranker)
+        ms = q.lookup_latency(pairs, embedder, settings, reranker, models)
         out[name] = {
             "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)),
@@ -354,7 +375,15 @@ def eval_command(
         say(f"\n{name}:")
         _table(rows, say)
     if latency:
-        result["latency"] = _latency(pairs[:latency], embedder, guard_names, gate, rerank, say)
+        result["latency"] = _latency(
+            pairs[:latency],
+            embedder,
+            guard_names,
+            gate,
+            rerank,
+            cross_dirs[0] if cross_dirs else None,
+            say,
+        )
     say("\nprecision at recall " + " / ".join(map(str, RECALLS)) + ":")
     for name, at in result["at_recall"].items():
         say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))

@@ -204,13 +204,14 @@ def test_eval_and_tune_use_the_cross_encoder_as_a_verifier_feature(
     dirs = [str(model_dir)] * 3  # one per fold: the nested protocol
     code, out, err = run(
         "eval", "--data", str(data), "--verifier", "--folds", "3", "--gate", "0.5", "--json",
-        *[a for d in dirs for a in ("--cross-encoder", d)],
+        "--latency", "4", *[a for d in dirs for a in ("--cross-encoder", d)],
     )  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
     assert {"guards +cross", "guards +cross +verifier"} <= set(result["at_recall"])
     assert len(result["cross_encoder"]["precision_at_recall_0.5_per_fold"]) == 3
     assert result["cross_encoder"]["protocol"].startswith("nested")
+    assert set(result["latency"]) == {"guards", "guards +cross +verifier"}
     code, _, err = run("eval", "--data", str(data), "--cross-encoder", str(model_dir))
     assert code == 2 and "needs --verifier" in err
     code, out, err = run(
