@@ -499,34 +499,30 @@ def _cross_stage(
     )
     rows = rows.copy()
     rows[:, learned.FEATURES.index("cross_encoder")] = cross
-    names = q.feature_names(plan.rerank, cross=True)
-    if len(models) > 1:
-        cv = q.cross_validate_nested(rows, labels, names, pairs, folds, eligible)
-    else:
-        cv = q.cross_validate(rows, labels, names, folds, eligible)
-    per_fold = [
-        q.precision_at_recall(cv.probabilities[folds == f], labels[folds == f], 0.5)[0]
-        for f in range(plan.folds)
-    ]
-    say(
-        "guards +cross +verifier: precision at recall 0.5 per fold "
-        + " ".join(f"{v:.3f}" for v in per_fold)
-    )
-    return {
-        "cross_encoder": {
-            "models": [m.digest for m in models],
-            "protocol": "nested: a model per fold scores it, the verifier is cross-validated "
-            "inside each fold"
-            if len(models) > 1
-            else "one model scores every pair; the verifier is cross-validated over the folds",
-            "precision_at_recall_0.5_per_fold": per_fold,
-        },
-        "cross_curves": {
-            "guards +cross +verifier": cv.probabilities,
-            # The curve reads negative scores as "never a hit": logits become probabilities.
-            "guards +cross": np.where(eligible, 1.0 / (1.0 + np.exp(-cross)), -1.0),
-        },
+    out: dict[str, Any] = {
+        "models": [m.digest for m in models],
+        "protocol": "nested: a model per fold scores it, the verifier is cross-validated "
+        "inside each fold"
+        if len(models) > 1
+        else "one model scores every pair; the verifier is cross-validated over the folds",
     }
+    # The curve reads negative scores as "never a hit": logits become probabilities.
+    curves = {"guards +cross": np.where(eligible, 1.0 / (1.0 + np.exp(-cross)), -1.0)}
+    for use_rerank in [False, True] if plan.rerank else [False]:
+        names = q.feature_names(use_rerank, cross=True)
+        if len(models) > 1:
+            cv = q.cross_validate_nested(rows, labels, names, pairs, folds, eligible)
+        else:
+            cv = q.cross_validate(rows, labels, names, folds, eligible)
+        name = "guards +rerank +cross +verifier" if use_rerank else "guards +cross +verifier"
+        curves[name] = cv.probabilities
+        per_fold = [
+            q.precision_at_recall(cv.probabilities[folds == f], labels[folds == f], 0.5)[0]
+            for f in range(plan.folds)
+        ]
+        out[name] = {"precision_at_recall_0.5_per_fold": per_fold}
+        say(f"{name}: precision at recall 0.5 per fold " + " ".join(f"{v:.3f}" for v in per_fold))
+    return {"cross_encoder": out, "cross_curves": curves}
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,10 @@ def test_eval_and_tune_use_the_cross_encoder_as_a_verifier_feature(
     assert code == 0, err
     result = json.loads(out)
     assert {"guards +cross", "guards +cross +verifier"} <= set(result["at_recall"])
-    assert len(result["cross_encoder"]["precision_at_recall_0.5_per_fold"]) == 3
+    per_fold = result["cross_encoder"]["guards +cross +verifier"][
+        "precision_at_recall_0.5_per_fold"
+    ]
+    assert len(per_fold) == 3
     assert result["cross_encoder"]["protocol"].startswith("nested")
     assert set(result["latency"]) == {"guards", "guards +cross +verifier"}
     code, _, err = run("eval", "--data", str(data), "--cross-encoder", str(model_dir))
