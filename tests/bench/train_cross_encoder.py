@@ -22,12 +22,16 @@ epoch). On one CPU thread, ~18 min an epoch for 32,500 QQP pairs, 2.7 GB RSS.
 a fold) and reports the held-out fold's precision at recall 0.5, so that
 ``llmcache-cli eval --verifier --cross-encoder DIR0 ... --cross-encoder DIR4`` measures the
 verifier with a model per fold that never saw it (nested protocol). Train the model a tenant
-installs on other labelled pairs than its verifier's (``tune --train-verifier --cross-encoder``).
+installs on other labelled pairs than its verifier's: a score on pairs the model was trained on
+is overconfident, and the verifier would trust it too much. ``--hold-out-fold k
+--write-held-out held.jsonl`` trains on four fifths and writes the fifth for ``llmcache-cli tune
+--data held.jsonl --train-verifier --cross-encoder OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -131,6 +135,11 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=96, help="pieces per pair in training")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, help="only the first N pairs (a smoke run)")
+    ap.add_argument(
+        "--write-held-out",
+        type=Path,
+        help="with --hold-out-fold: write that fold's pairs (.jsonl) for tune --train-verifier",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -155,6 +164,11 @@ def main() -> None:
     print(f"wrote {args.out} ({scorer.digest})")
     if held is not None:
         test = [p for p, f in zip(pairs, folds, strict=True) if f == held]
+        if args.write_held_out:
+            with args.write_held_out.open("w") as out:
+                for p in test:
+                    row = {"text_a": p.text_a, "text_b": p.text_b, "label": int(p.label)}
+                    out.write(json.dumps(row | {"namespace": p.namespace}) + "\n")
         t0 = time.perf_counter()
         logits = np.array([scorer.score(p.text_b, p.text_a) for p in test])
         scores = 1.0 / (1.0 + np.exp(-logits))  # q.curve reads negative scores as "no hit"
