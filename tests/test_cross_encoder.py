@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from llmcache.client import CacheClient, RetryPolicy
 from llmcache.client.cli import main
+from llmcache.client.errors import Unavailable
 from llmcache.node import keys
 from llmcache.node import verifier as learned
 from llmcache.node.cross_encoder import CrossEncoder, CrossEncoders, digest, install
@@ -27,6 +29,7 @@ from llmcache.node.embed import bge
 from llmcache.node.errors import CrossEncoderMissing
 from llmcache.node.local import LocalCache
 from tests.conftest import unit_vector
+from tests.node_process import NodeProcess
 from tests.test_api import Served, _vector_cache, store_text
 from tests.test_quality_cli import write
 from tests.test_quality_engine import at_similarity, put
@@ -226,3 +229,36 @@ def test_eval_and_tune_use_the_cross_encoder_as_a_verifier_feature(
     trained = learned.Verifier.loads(settings["verifier"])
     assert trained.cross_encoder == digest(model_dir)
     assert dict(trained.weights)["cross_encoder"] != 0.0
+
+
+@pytest.fixture(scope="module")
+def node_with_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    root = Path(tmp_path_factory.mktemp("cross-node"))
+    proc = NodeProcess(root, env={"LLMCACHE_MODELS_DIR": str(root / "models")})
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+def test_a_tuned_cross_encoder_verifier_serves_a_node_once_its_model_is_installed(
+    data: Path, model_dir: Path, node_with_models: NodeProcess
+) -> None:
+    node = node_with_models
+    code, _, err = run(
+        "tune", "--data", str(data), "--train-verifier", "--cross-encoder", str(model_dir),
+        "--target-precision", "0.5", "--gate", "0.5", "--folds", "3", "--apply",
+        "--tenant", "default", "--url", node.url, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    with CacheClient([node.url], retry=RetryPolicy(attempts=1)) as client:
+        stored = client.set_settings("default", {}, namespace="default")
+        assert learned.Verifier.loads(stored["config"]["verifier"]).needs_cross_encoder
+        client.store("how do i repair a leaking faucet", "Turn off the water first.")
+        with pytest.raises(Unavailable) as info:
+            client.lookup("how can i repair a leaking faucet")
+        assert "not installed" in info.value.message  # the node's reason, after the retries
+        models = str(node.root / "models")
+        code, _, err = run("models", "install", str(model_dir), "--models-dir", models)
+        assert code == 0, err
+        assert client.lookup("how can i repair a leaking faucet").status == "SEMANTIC_HIT"
