@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,11 @@ class CrossEncoder:
         return (self.logit(query, cached) + self.logit(cached, query)) / 2.0
 
 
+RETRY_BROKEN_S = 10.0
+"""A model directory that failed to load (wrong digest, not ONNX) is tried again after this
+long, not at every lookup: checking costs a hash of ~90 MB."""
+
+
 class CrossEncoders:
     """The models of one node's ``models_dir``, loaded at first use and kept (one session per
     model per process; a MiniLM-L6 cross-encoder takes ~90 MB fp32)."""
@@ -126,6 +132,7 @@ class CrossEncoders:
     def __init__(self, models_dir: Path | None) -> None:
         self.models_dir = models_dir
         self._loaded: dict[str, CrossEncoder] = {}
+        self._broken: dict[str, tuple[float, CrossEncoderMissing]] = {}
         self._lock = threading.Lock()
 
     def get(self, wanted: str) -> CrossEncoder:
@@ -153,10 +160,24 @@ class CrossEncoders:
                 f"{self.models_dir} on this node (llmcache-cli models install)",
                 field="cross_encoder",
             )
-        model = CrossEncoder(where)
-        if model.digest != wanted:
-            raise CrossEncoderMissing(
-                f"{where} holds files with digest {model.digest}, not {wanted}",
-                field="cross_encoder",
+        failed_at, error = self._broken.get(wanted, (-RETRY_BROKEN_S, None))
+        if error is not None and time.monotonic() - failed_at < RETRY_BROKEN_S:
+            raise error
+        try:
+            model = CrossEncoder(where)
+            if model.digest != wanted:
+                raise CrossEncoderMissing(
+                    f"{where} holds files with digest {model.digest}, not {wanted}",
+                    field="cross_encoder",
+                )
+        except CrossEncoderMissing as exc:
+            self._broken[wanted] = (time.monotonic(), exc)
+            raise
+        except Exception as exc:  # onnxruntime and tokenizers raise their own types
+            broken = CrossEncoderMissing(
+                f"cross-encoder {wanted} in {where} cannot be loaded: {exc}", field="cross_encoder"
             )
+            self._broken[wanted] = (time.monotonic(), broken)
+            raise broken from None
+        self._broken.pop(wanted, None)
         return model

@@ -101,8 +101,17 @@ def test_a_node_loads_only_installed_models_whose_files_match(
         registry.get(found)
     wrong = "sha256:" + "0" * 64
     shutil.copytree(model_dir, tmp_path / "models" / ("0" * 64))  # files under another name
-    with pytest.raises(CrossEncoderMissing, match="not " + wrong):
+    with pytest.raises(CrossEncoderMissing, match="not " + wrong) as first:
         registry.get(wrong)
+    with pytest.raises(CrossEncoderMissing) as again:  # not hashed again at every lookup
+        registry.get(wrong)
+    assert again.value is first.value
+    broken = tmp_path / "models" / ("1" * 64)
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(CrossEncoderMissing, match="cannot be loaded"):
+        registry.get("sha256:" + "1" * 64)
     install(model_dir, tmp_path / "models")
     assert registry.get(found) is registry.get(found)  # loaded once
 
