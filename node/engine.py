@@ -301,7 +301,7 @@ class Engine:
         cut, cross = 0.0, None
         if check is not None:
             cut = check.cut
-            if check.cross_encoder:
+            if check.needs_cross_encoder:
                 cross = self.cross_encoders.get(check.cross_encoder)
             if settings.adaptive_delta > 0:
                 cut = self.learned(key.tenant, key.namespace, settings, check.cut)
