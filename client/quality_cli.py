@@ -707,6 +707,11 @@ def tune_command(
             model.digest,
             q.cross_scores(pairs, [model], eligible=~vetoed & (run.scores >= gate)),
         )
+        say(
+            f"the verifiers name cross-encoder {model.digest}: install it on every node first "
+            f"(llmcache-cli models install {cross_dir} --models-dir <the node's models_dir>); "
+            "until then their lookups answer 503 cross_encoder_missing"
+        )
     by_namespace: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         by_namespace.setdefault(p.namespace, []).append(i)
