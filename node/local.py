@@ -42,7 +42,6 @@ class LocalCache:
         embedders: Mapping[str, Embedder] | None = None,
         index_params: IndexParams | None = None,
         durable: bool = True,
-        map_size: int = 64 << 20,
         max_map_size: int = 64 << 30,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
@@ -55,9 +54,7 @@ class LocalCache:
             if bge.available():
                 embedders["rerank"] = bge.LazyEmbedder()
         self.path = Path(path)
-        self.store = Store(
-            self.path / "store", durable=durable, map_size=map_size, max_map_size=max_map_size
-        )
+        self.store = Store(self.path / "store", durable=durable, max_map_size=max_map_size)
         self.fsm = StateMachine(self.store)
         self.feed = IndexFeed(self.store, index_params)
         self.feed.open(self.path / "index")

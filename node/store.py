@@ -40,10 +40,13 @@ the fsync (``sync=False``, ``metasync=False``): a process crash still loses noth
 in the OS cache) and a power loss can only drop the last transactions as a whole — the store
 stays consistent and its ``applied_index`` rolls back with them, so Raft re-applies them.
 
-Size: the map starts at ``map_size`` and doubles whenever a write transaction hits
-``MapFullError`` (the transaction is retried, callers never see the error), up to
-``max_map_size``; past that :class:`~llmcache.node.errors.StoreFull` is raised and eviction
-has to make room. Readers in other processes adopt a grown map transparently.
+Size: the map is ``max_map_size`` from the start. That reserves address space only (the file
+grows with the pages written), and it never has to be resized while the process runs: py-lmdb's
+``set_mapsize`` kills every open transaction of the process ("closed/deleted object": a lookup
+in another thread, a snapshot being copied) and LMDB forbids it while one is active. A write
+past it raises :class:`~llmcache.node.errors.StoreFull` and eviction has to make room. A
+reader whose own ``max_map_size`` is smaller than the writer's adopts the larger map once no
+read of its process is in flight.
 """
 
 from __future__ import annotations
@@ -193,7 +196,6 @@ class Store:
         self,
         path: str | os.PathLike[str],
         *,
-        map_size: int = 256 << 20,
         max_map_size: int = 64 << 30,
         durable: bool = True,
         readonly: bool = False,
@@ -202,7 +204,7 @@ class Store:
         self.max_map_size = max_map_size
         self.readonly = readonly
         self._options: dict[str, Any] = {
-            "map_size": map_size,
+            "map_size": max_map_size,
             "sync": durable,
             "metasync": durable,
         }
@@ -211,8 +213,10 @@ class Store:
         self.env, self.dbs = self._open()
         self._identity = self._file_identity()
         self._checked_at = time.monotonic()
-        self._reopen_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when no read is in flight
         self._active = 0  # read transactions in flight
+        self._reading = threading.local()  # this thread's reads in flight
         self._retired: list[Any] = []
 
     def _open(self) -> tuple[Any, dict[str, Any]]:
@@ -244,7 +248,7 @@ class Store:
     def _follow_replacement(self) -> None:
         """A read-only store follows raft-core's snapshot installs, which replace the whole
         directory: checked at most once per ``REOPEN_CHECK_S`` and reopened, under
-        ``_reopen_lock``, only while no read is in flight (a transaction must never meet the
+        ``_lock``, only while no read is in flight (a transaction must never meet the
         db handles of another environment). The old environment is closed at ``close``."""
         now = time.monotonic()
         if self._active or now - self._checked_at < REOPEN_CHECK_S:
@@ -274,46 +278,51 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[Any]:
         """A read-only transaction: one consistent committed state."""
-        with self._reopen_lock:
+        with self._lock:
             if self.readonly:
                 self._follow_replacement()
-            try:
-                txn = self.env.begin(buffers=False)
-            except lmdb.MapResizedError:
-                # Another process grew the map; adopt its size and begin again.
-                self.env.set_mapsize(0)
-                txn = self.env.begin(buffers=False)
+            txn = self._begin()
             self._active += 1
+        depth = getattr(self._reading, "depth", 0)
+        self._reading.depth = depth + 1
         try:
             yield txn
         finally:
             txn.abort()
-            with self._reopen_lock:
+            self._reading.depth = depth
+            with self._lock:
                 self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
 
-    def write(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(txn)`` in one write transaction and commit it, growing the map as needed.
-
-        ``fn`` may run more than once (after a ``MapFullError`` the transaction is aborted and
-        retried on a bigger map), so it must not have side effects outside the transaction.
-        If ``fn`` raises, nothing it wrote is kept.
-        """
+    def _begin(self) -> Any:
+        """Begin a read transaction (``_lock`` held)."""
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self._grow()
+                return self.env.begin(buffers=False)
             except lmdb.MapResizedError:
+                # The writer's map is larger than ours. Adopting it kills this process's open
+                # transactions, so wait until none is in flight; a thread inside a read of its
+                # own would wait for itself, and gets the error instead.
+                if getattr(self._reading, "depth", 0):
+                    raise
+                while self._active:
+                    self._idle.wait()
                 self.env.set_mapsize(0)
 
-    def _grow(self) -> None:
-        current = self.env.info()["map_size"]
-        if current >= self.max_map_size:
+    def write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(txn)`` in one write transaction and commit it.
+
+        If ``fn`` raises, nothing it wrote is kept; past ``max_map_size`` that is
+        :class:`~llmcache.node.errors.StoreFull`.
+        """
+        try:
+            with self.env.begin(write=True) as txn:
+                return fn(txn)
+        except lmdb.MapFullError:
             raise StoreFull(
                 f"the store at {self.path} reached its size limit of {self.max_map_size} bytes"
-            )
-        self.env.set_mapsize(min(current * 2, self.max_map_size))
+            ) from None
 
     # -- reads --------------------------------------------------------------------------------
 

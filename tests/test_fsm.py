@@ -225,19 +225,21 @@ def test_tenant_delete_and_config(log: Log) -> None:
         assert list(log.store.prefix(txn, "members", b"t1\0")) == []
 
 
-def test_map_grows_instead_of_failing(tmp_path: Path) -> None:
-    log = Log(tmp_path / "s", map_size=1 << 20)
+def test_a_read_in_flight_survives_heavy_writes(tmp_path: Path) -> None:
+    # The map used to start small and double: resizing it killed every open transaction of the
+    # process (py-lmdb), such as a lookup in another thread or a snapshot being copied.
+    log = Log(tmp_path / "s")
     log.apply(c.TenantUpsert(tenant="t1"))
-    for i in range(60):
-        assert log.apply(put(text=str(i), response=b"x" * 50_000)).error is None  # type: ignore[attr-defined]
-    assert log.store.env.info()["map_size"] > 1 << 20
-    # A reader opened before the growth still reads everything.
+    with log.store.read() as txn:
+        for i in range(60):
+            assert log.apply(put(text=str(i), response=b"x" * 50_000)).error is None  # type: ignore[attr-defined]
+        assert log.store.stats(txn, "t1")["entries"] == 0  # its own snapshot, still readable
     with log.store.read() as txn:
         assert log.store.stats(txn, "t1")["entries"] == 60
 
 
 def test_store_full_at_hard_limit(tmp_path: Path) -> None:
-    log = Log(tmp_path / "s", map_size=1 << 20, max_map_size=2 << 20)
+    log = Log(tmp_path / "s", max_map_size=2 << 20)
     log.apply(c.TenantUpsert(tenant="t1"))
     with pytest.raises(StoreFull):
         for i in range(100):
@@ -248,38 +250,54 @@ def test_store_full_at_hard_limit(tmp_path: Path) -> None:
         assert log.store.stats(txn, "t1")["entries"] == applied - 1
 
 
-READER = """
-import sys
+SMALL_MAP_READER = """
+import sys, threading
 from llmcache.node.store import Store
-store = Store(sys.argv[1], readonly=True)
-for line in sys.stdin:  # one line per read request from the test
-    print(store.applied_index(), flush=True)
+store = Store(sys.argv[1], readonly=True, max_map_size=1 << 20)
+held, release, seen = threading.Event(), threading.Event(), {}
+def hold():
+    with store.read() as txn:
+        seen["before"] = store.applied_index(txn)
+        held.set()
+        release.wait(10)
+        seen["after"] = store.applied_index(txn)
+thread = threading.Thread(target=hold)
+thread.start()
+held.wait(10)
+print("held", flush=True)
+sys.stdin.readline()  # the writer has written past this reader's map
+threading.Timer(0.5, release.set).start()
+now = store.applied_index()  # must wait for hold()'s read before adopting the larger map
+thread.join()
+print(seen["before"], seen["after"], now, flush=True)
 """
 
 
-def test_reader_process_adopts_map_growth(tmp_path: Path) -> None:
-    log = Log(tmp_path / "s", map_size=1 << 20)
+def test_a_reader_with_a_smaller_map_adopts_the_writers_without_killing_reads(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path / "s")
     log.apply(c.TenantUpsert(tenant="t1"))
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(tmp_path / "s")],
+        [sys.executable, "-c", SMALL_MAP_READER, str(tmp_path / "s")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert reader.stdin and reader.stdout
-        reader.stdin.write("read\n")
-        reader.stdin.flush()
-        assert reader.stdout.readline().strip() == "1"
+        assert reader.stdout.readline().strip() == "held"
         for i in range(40):
             log.apply(put(text=str(i), response=b"x" * 50_000))
-        assert log.store.env.info()["map_size"] > 1 << 20
-        reader.stdin.write("read\n")
+        reader.stdin.write("go\n")
         reader.stdin.flush()
-        assert reader.stdout.readline().strip() == "41"
+        out, err = reader.communicate(timeout=60)
+        assert out.split() == ["1", "1", "41"], err
     finally:
-        reader.kill()
-        reader.wait()
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
 
 
 def _answers(store: Store) -> list[object]:
