@@ -431,11 +431,9 @@ def cross_validate_nested(
     return CrossValidation(out, folds, models)
 
 
-def folds_of(pairs: Sequence[Pair], k: int, salt: str = "") -> npt.NDArray[np.int64]:
-    """Fold number of each pair: pairs that share a text (directly or through other pairs) share
-    a fold, so no held-out text was seen in training (a quarter of QQP's pairs share one). The
-    fold of a group is a hash of ``salt`` and its first text: the same data gives the same
-    folds; another salt, independent ones."""
+def _components(pairs: Sequence[Pair]) -> list[str]:
+    """Each pair's component, named by a text in it: pairs that share a text, directly or
+    through other pairs, are one component (a quarter of QQP's pairs share a text)."""
     parent: dict[str, str] = {}
 
     def root(text: str) -> str:
@@ -446,13 +444,68 @@ def folds_of(pairs: Sequence[Pair], k: int, salt: str = "") -> npt.NDArray[np.in
 
     for p in pairs:
         parent[root(p.text_a)] = root(p.text_b)
+    return [root(p.text_a) for p in pairs]
+
+
+def groups_of(pairs: Sequence[Pair]) -> npt.NDArray[np.int64]:
+    """Group number of each pair (its component, numbered in order of first appearance)."""
+    numbers: dict[str, int] = {}
+    return np.array([numbers.setdefault(c, len(numbers)) for c in _components(pairs)], np.int64)
+
+
+def folds_of(pairs: Sequence[Pair], k: int, salt: str = "") -> npt.NDArray[np.int64]:
+    """Fold number of each pair: a component is never split, so no held-out text was seen in
+    training. The fold of a component is a hash of ``salt`` and its name: the same data gives
+    the same folds; another salt, independent ones."""
     return np.array(
         [
-            int.from_bytes(hashlib.sha256((salt + root(p.text_a)).encode()).digest()[:8], "big") % k
-            for p in pairs
+            int.from_bytes(hashlib.sha256((salt + c).encode()).digest()[:8], "big") % k
+            for c in _components(pairs)
         ],
         np.int64,
     )
+
+
+def precision_at_recall_interval(
+    scores: Floats,
+    labels: Bools,
+    groups: npt.NDArray[np.int64],
+    recall: float,
+    *,
+    rounds: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A bootstrap interval for :func:`precision_at_recall`: groups of pairs (``groups_of``)
+    are drawn with replacement, since pairs sharing a text are not independent, and the
+    ``level`` percentile interval of the ``rounds`` replicates is returned. The scores stay
+    fixed (a model's uncertainty from its own training is not in it). Deterministic per seed."""
+    keep = scores >= 0
+    if not keep.any():
+        return math.nan, math.nan
+    order = np.argsort(-scores[keep], kind="mergesort")
+    s, y = scores[keep][order], labels[keep][order]
+    _, groups = np.unique(groups, return_inverse=True)
+    kept_groups = groups[keep][order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # end of each tie group
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    rng = np.random.default_rng(seed)
+    out = np.full(rounds, np.nan)
+    for r in range(rounds):
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        positives = float(np.sum(weight[groups] * labels))
+        w = weight[kept_groups].astype(np.float64)
+        tp = np.cumsum(w * y)[last]
+        served = np.cumsum(w)[last]
+        reached = np.flatnonzero(tp >= recall * positives)
+        if positives and len(reached):
+            i = int(reached[0])
+            out[r] = tp[i] / served[i]
+    if np.isnan(out).all():
+        return math.nan, math.nan
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(out, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,14 @@ def _time_configs(
     show_default=True,
     help="Seed of the adaptive stream's random order of the pairs.",
 )
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Rounds of the 95 % bootstrap interval of precision at recall 0.5 (pairs sharing a "
+    "text are drawn together); 0: none.",
+)
 def eval_command(
     data: Path,
     guard_names: str,
@@ -320,6 +328,7 @@ def eval_command(
     adaptive_bound: str,
     adaptive_verifier: bool,
     adaptive_seed: int,
+    bootstrap: int,
 ) -> None:
     """Replay labelled pairs through the real engine (store text_a, look up text_b) and report
     precision, recall, F1, hit rate and wrong-hit rate per threshold, with and without guards."""
@@ -369,6 +378,12 @@ def eval_command(
     result["threshold_at_recall_0.5"] = {
         name: q.precision_at_recall(s, labels, 0.5)[1] for name, s in variants.items()
     }
+    if bootstrap:
+        groups = q.groups_of(pairs)
+        result["interval95_at_recall_0.5"] = {
+            name: q.precision_at_recall_interval(s, labels, groups, 0.5, rounds=bootstrap)
+            for name, s in variants.items()
+        }
     for name in ("no guards", f"guards {guard_names}"):
         rows = [q.at_threshold(variants[name], labels, t) for t in GRID]
         result.setdefault("thresholds", {})[name] = [asdict(r) for r in rows]
@@ -385,8 +400,12 @@ def eval_command(
             say,
         )
     say("\nprecision at recall " + " / ".join(map(str, RECALLS)) + ":")
+    intervals = result.get("interval95_at_recall_0.5", {})
     for name, at in result["at_recall"].items():
-        say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS))
+        interval = (
+            f"  (0.5: 95 % {intervals[name][0]:.3f}–{intervals[name][1]:.3f})" if intervals else ""
+        )
+        say(f"  {name:<34} " + "  ".join(f"{at[str(r)]:.3f}" for r in RECALLS) + interval)
     if adaptive_delta is not None:
         plan = AdaptivePlan(
             adaptive_delta,

@@ -65,10 +65,15 @@ def test_eval_reports_per_threshold_and_guards_remove_look_alikes(
     for t, row in guarded.items():
         assert row["hits"] - row["wrong_hits"] <= plain[t]["hits"] - plain[t]["wrong_hits"]
         assert row["wrong_hits"] <= plain[t]["wrong_hits"]
+    for name, (lo, hi) in result["interval95_at_recall_0.5"].items():
+        assert lo <= result["at_recall"][name]["0.5"] <= hi, name
     assert cache.exists()  # and a second run reads it
-    code, out2, err = run("eval", "--data", str(data), "--json", "--vectors", str(cache))
+    code, out2, err = run(
+        "eval", "--data", str(data), "--json", "--vectors", str(cache), "--bootstrap", "0"
+    )
     assert code == 0 and "vector cache" in err
     assert json.loads(out2)["thresholds"] == result["thresholds"]
+    assert "interval95_at_recall_0.5" not in json.loads(out2)
 
 
 def test_tune_recommends_a_threshold_per_namespace(data: Path) -> None:

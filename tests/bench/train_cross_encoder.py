@@ -17,8 +17,8 @@ one-logit head. The recipe is the one measured in README "Quality": batches of 3
 length within chunks, AdamW lr 3e-5, weight decay 0.01, 10 % warm-up then linear decay, gradient
 norm clipped at 1, each pair fed in a random order; every epoch restarts the schedule (seed =
 epoch), three epochs (a third lifted the held-out score on all five QQP folds; the verifier
-with it by +0.001 to +0.003). On one CPU thread, ~18 min an epoch for 32,500 QQP pairs (~11 min on two,
-``--threads 2``), 2.7 GB RSS.
+with it by +0.001 to +0.003). On one CPU thread, ~18 min an epoch for 32,500 QQP pairs
+(~11 min on two, ``--threads 2``), 2.7 GB RSS.
 
 ``--hold-out-fold k`` trains on all folds but k (``quality.folds_of``: pairs sharing a text share
 a fold) and reports the held-out fold's precision at recall 0.5, so that
