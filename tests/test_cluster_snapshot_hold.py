@@ -75,7 +75,10 @@ def test_a_wiped_follower_catches_up_under_writes_without_chasing_snapshots(
                 writers.wait_for(writers.count() + 20)  # and it keeps up with the writes
         assert not writers.errors, writers.errors[:5]
         installs = follower.log()[seen:].count(INSTALLED)
-        assert caught_up, f"not caught up while writes went on ({installs} snapshots installed)"
+        assert caught_up, (
+            f"not caught up while writes went on ({installs} snapshots installed); its log:\n"
+            + follower.log()[seen:][-6000:]
+        )
         # One snapshot, two at most (a leader change mid-transfer restarts it elsewhere).
         assert 1 <= installs <= 2, installs
         follower.wait_ready()
