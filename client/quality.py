@@ -488,7 +488,7 @@ def precision_at_recall_interval(
     _, groups = np.unique(groups, return_inverse=True)
     kept_groups = groups[keep][order]
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # end of each tie group
-    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    n_groups = int(groups.max()) + 1
     rng = np.random.default_rng(seed)
     out = np.full(rounds, np.nan)
     for r in range(rounds):
